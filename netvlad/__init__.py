@@ -1,0 +1,22 @@
+"""netvlad: image retrieval and visual place recognition with NetVLAD.
+
+    >>> import netvlad
+    >>> model = netvlad.load_model("default")          # or a model file
+    >>> descriptors = model.describe(["a.jpg", "b.jpg"])  # (2, model.dim) float32, unit norm
+"""
+
+from netvlad.errors import DatasetError, ImageError, IndexStoreError, ModelFileError, NetVLADError
+from netvlad.imageio import load_image
+from netvlad.initialization import init_model
+from netvlad.model import ModelConfig, NetVLADModel, build_model
+from netvlad.modelfile import load_model, model_fingerprint, save_model
+from netvlad.pooling import NetVLAD
+from netvlad.whitening import PCAWhitening
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DatasetError", "ImageError", "IndexStoreError", "ModelFileError", "NetVLADError",
+    "ModelConfig", "NetVLAD", "NetVLADModel", "PCAWhitening",
+    "build_model", "init_model", "load_image", "load_model", "model_fingerprint", "save_model",
+]

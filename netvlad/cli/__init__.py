@@ -1,0 +1,46 @@
+"""`netvlad` command line: `main()` is the console script.
+
+Library errors (`NetVLADError`) print one line `error: <cause>` on stderr and exit with code 1.
+"""
+
+import sys
+from importlib.metadata import entry_points
+
+import click
+import typer
+
+from netvlad.cli.app import app
+from netvlad.cli import model_commands  # noqa: F401  (registers init, describe, import-checkpoint)
+from netvlad.errors import NetVLADError
+
+__all__ = ["app", "main"]
+
+PLUGIN_GROUP = "netvlad.commands"
+
+
+def register_plugins() -> None:
+    """Let `training` and `service` add their commands (`train`, `serve`, …) to `app`."""
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            register = entry.load()
+        except ImportError as exc:  # a partial install must not break the other commands
+            typer.echo(f"warning: command '{entry.name}' unavailable: {exc}", err=True)
+            continue
+        register(app)
+
+
+def main() -> None:
+    """Run the CLI and turn expected errors into one line on stderr."""
+    register_plugins()
+    try:
+        code = app(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except (NetVLADError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
