@@ -1,0 +1,18 @@
+"""Training objectives: NetVLAD triplet ranking, soft-label cross entropy, RSW proxy loss."""
+
+from netvlad.losses.reducers import Reduction, reduce_loss, squared_distances
+from netvlad.losses.rsw import RealignedSoftmaxWarpingLoss
+from netvlad.losses.soft_label import SoftLabelCrossEntropy, geo_soft_labels, soft_cross_entropy
+from netvlad.losses.triplet import TripletRankingLoss, select_violating_negatives
+
+__all__ = [
+    "RealignedSoftmaxWarpingLoss",
+    "Reduction",
+    "SoftLabelCrossEntropy",
+    "TripletRankingLoss",
+    "geo_soft_labels",
+    "reduce_loss",
+    "select_violating_negatives",
+    "soft_cross_entropy",
+    "squared_distances",
+]
