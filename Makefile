@@ -20,10 +20,10 @@ install: $(VENV)/.installed
 
 # Real photographs from the approved sources (Debian wallpaper packages, scikit-learn and
 # scikit-image samples); falls back to the bundled samples without network.
-$(PHOTOS)/MANIFEST.json: $(VENV)/.installed
+$(PHOTOS)/manifest.json: $(VENV)/.installed
 	$(VENV)/bin/netvlad fetch-photos $(PHOTOS)
 
-photos: $(PHOTOS)/MANIFEST.json
+photos: $(PHOTOS)/manifest.json
 
 test: install photos
 	NETVLAD_PHOTOS=$(PHOTOS) $(PY) -m pytest

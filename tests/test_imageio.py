@@ -1,0 +1,83 @@
+"""Decoding policy: EXIF orientation, RGB conversion, one clear error type for bad files."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netvlad.errors import ImageError
+from netvlad.imageio import find_photos, load_image
+
+
+def _jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(_jpeg_bytes(wide, exif=exif.tobytes()))
+    assert load_image(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_any_mode_becomes_rgb(mode, tmp_path):
+    image = Image.new(mode if mode != "I;16" else "I;16", (8, 6))
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.mode == "RGB" and loaded.size == (8, 6)
+
+
+def test_bytes_paths_and_pil_images_give_the_same_pixels(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8))
+    path = tmp_path / "a.png"
+    image.save(path)
+    a, b, c = load_image(path), load_image(path.read_bytes()), load_image(image)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a photo", "not an image"),
+        (None, "corrupt or truncated"),  # filled in below: a JPEG cut in half
+    ],
+)
+def test_bad_files_raise_image_error_with_reason(content, reason, tmp_path):
+    if content is None:
+        full = _jpeg_bytes(Image.fromarray(np.full((64, 64, 3), 128, np.uint8)))
+        content = full[: len(full) // 2]
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        load_image(path)
+    with pytest.raises(ImageError, match=reason):
+        load_image(content)
+
+
+def test_missing_file_and_decompression_bomb(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "nope.jpg")
+    big = tmp_path / "big.png"
+    Image.new("L", (4000, 3000)).save(big)  # 12 Mpx, tiny file
+    with pytest.raises(ImageError, match="more than the limit"):
+        load_image(big, max_pixels=10_000_000)
+    assert load_image(big, max_pixels=12_000_000).size == (4000, 3000)
+
+
+def test_find_photos_walks_folders_skipping_hidden(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ["a.jpg", "sub/b.PNG", "sub/notes.txt", ".hidden/c.jpg", ".d.jpg"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_photos([tmp_path])]
+    assert found == ["a.jpg", "sub/b.PNG"]
+    with pytest.raises(ImageError, match="no such file"):
+        find_photos([tmp_path / "missing"])
