@@ -6,11 +6,10 @@ Library errors (`NetVLADError`) print one line `error: <cause>` on stderr and ex
 import sys
 from importlib.metadata import entry_points
 
-import click
 import typer
 
 from netvlad.cli.app import app
-from netvlad.cli import model_commands  # noqa: F401  (registers init, describe, import-checkpoint)
+from netvlad.cli import data_commands, model_commands  # noqa: F401  (they register their commands)
 from netvlad.errors import NetVLADError
 
 __all__ = ["app", "main"]
@@ -33,14 +32,7 @@ def main() -> None:
     """Run the CLI and turn expected errors into one line on stderr."""
     register_plugins()
     try:
-        code = app(standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        app()  # typer handles usage errors and exits itself
     except (NetVLADError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,5 @@
+"""`python -m netvlad` runs the CLI."""
+
+from netvlad.cli import main
+
+main()

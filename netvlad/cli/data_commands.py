@@ -1,0 +1,100 @@
+"""Data commands: `fetch-photos` (the approved real photos) and `make-placeset` (a place dataset
+built from photos)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from netvlad.cli.app import app
+from netvlad.datasets.make_placeset import PlacesetConfig, make_placeset
+from netvlad.datasets.photos import collect_photos
+from netvlad.errors import DatasetError
+from netvlad.imageio import find_photos
+
+_DEFAULTS = PlacesetConfig()
+
+
+@app.command("fetch-photos")
+def fetch_photos(
+    dest: Annotated[Path, typer.Argument(help="Folder to collect the photos in (created if missing).")],
+    debian: Annotated[bool, typer.Option(help="Also fetch the photos in the approved Debian wallpaper packages.")] = True,
+    max_side: Annotated[int, typer.Option(min=64, help="Longest side of the stored photos, pixels.")] = 1600,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Collect the project's real photos (Debian wallpapers, scikit-image, scikit-learn) as JPEG
+    files with a manifest. Running it again only adds what is missing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = collect_photos(dest, debian=debian, max_side=max_side)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"dest": str(dest), "photos": [str(p) for p in paths]}))
+    else:
+        typer.echo(f"{len(paths)} photos in {dest}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"expected WIDTHxHEIGHT, e.g. 320x240, got '{text}'") from None
+    if width < 1 or height < 1:
+        raise typer.BadParameter(f"size must be positive, got '{text}'")
+    return width, height
+
+
+@app.command("make-placeset")
+def make_placeset_command(
+    photos: Annotated[list[Path], typer.Argument(help="Source photos, or folders of photos.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must be new or empty, see --overwrite).")],
+    crop_size: Annotated[int, typer.Option(min=1, help="Crop width in source pixels.")] = _DEFAULTS.crop_size,
+    stride: Annotated[int, typer.Option(min=1, help="Grid step between database crops, source pixels.")] = _DEFAULTS.stride,
+    queries_per_photo: Annotated[int, typer.Option(min=0, help="Queries rendered per source photo.")] = _DEFAULTS.queries_per_photo,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed and photos give the same dataset.")] = _DEFAULTS.seed,
+    out_size: Annotated[str, typer.Option(help="Written image size WIDTHxHEIGHT.")] = "x".join(map(str, _DEFAULTS.out_size)),
+    metres_per_pixel: Annotated[
+        Optional[float], typer.Option(help="Metres per source pixel (default: half a crop width = 25 m).")
+    ] = None,
+    min_detail: Annotated[
+        float, typer.Option(min=0.0, help="Drop database crops flatter than this mean gradient (grey levels/px); 0 keeps all.")
+    ] = _DEFAULTS.min_detail,
+    holdout: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Fraction of whole source photos written to OUT/val (rest OUT/train).")
+    ] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing make-placeset output folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Build a place dataset (database crops on a grid, re-photographed queries, metric positions)
+    from ordinary photographs; each photo is one street far from the others."""
+    config = PlacesetConfig(
+        crop_size=crop_size,
+        stride=stride,
+        queries_per_photo=queries_per_photo,
+        seed=seed,
+        out_size=_parse_size(out_size),
+        metres_per_pixel=metres_per_pixel,
+        min_detail=min_detail,
+        holdout=holdout,
+    )
+    sources = find_photos(photos)
+    if not sources:
+        raise DatasetError("no photos found in " + ", ".join(map(str, photos)))
+    summary = make_placeset(sources, out, config, overwrite=overwrite, progress=progress)
+    for record in summary.skipped:
+        typer.echo(f"warning: skipped {record.source}: {record.skipped}", err=True)
+    if as_json:
+        typer.echo(json.dumps(summary.to_json()))
+        return
+    for split, root in summary.datasets.items():
+        used = [p for p in summary.photos if p.split == split and not p.skipped]
+        typer.echo(
+            f"{split}: {root} — {len(used)} photos, {sum(p.database for p in used)} database images, "
+            f"{sum(p.queries for p in used)} queries"
+        )

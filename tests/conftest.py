@@ -1,0 +1,41 @@
+"""Shared fixtures: the project's collection of real photos.
+
+`photos_dir` is `$NETVLAD_PHOTOS` when set (used as is), else `<repo>/data/photos`, which
+`collect_photos` creates or completes on first use (Debian wallpaper photos when the network
+allows, plus the scikit-image and scikit-learn photos), so tests always run on real photographs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from netvlad.datasets.photos import MANIFEST, collect_photos
+from netvlad.imageio import PHOTO_SUFFIXES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """Folder of real photos."""
+    if os.environ.get("NETVLAD_PHOTOS"):
+        path = Path(os.environ["NETVLAD_PHOTOS"])
+        if not path.is_dir():
+            pytest.fail(f"NETVLAD_PHOTOS={path} is not a folder")
+        return path
+    path = REPO / "data" / "photos"
+    if not (path / MANIFEST).is_file():
+        collect_photos(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_photos(photos_dir: Path) -> list[Path]:
+    """The photos in `photos_dir`, sorted by name."""
+    photos = sorted(p for p in photos_dir.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not photos:
+        pytest.fail(f"no photos in {photos_dir}")
+    return photos
