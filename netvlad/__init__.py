@@ -5,6 +5,7 @@
     >>> descriptors = model.describe(["a.jpg", "b.jpg"])  # (2, model.dim) float32, unit norm
 """
 
+from netvlad.checkpoints import import_checkpoint
 from netvlad.errors import DatasetError, ImageError, IndexStoreError, ModelFileError, NetVLADError
 from netvlad.imageio import load_image
 from netvlad.initialization import init_model
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DatasetError", "ImageError", "IndexStoreError", "ModelFileError", "NetVLADError",
     "ModelConfig", "NetVLAD", "NetVLADModel", "PCAWhitening",
-    "build_model", "init_model", "load_image", "load_model", "model_fingerprint", "save_model",
+    "build_model", "import_checkpoint", "init_model", "load_image", "load_model", "model_fingerprint", "save_model",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 import typer
 
 from netvlad.backbones import BACKBONES
+from netvlad.checkpoints import import_checkpoint
 from netvlad.cli.app import app
 from netvlad.imageio import find_photos
 from netvlad.initialization import init_model
@@ -87,10 +88,11 @@ def describe_command(
 def import_checkpoint_command(
     checkpoint: Path = typer.Argument(..., help="pytorch-NetVlad checkpoint.pth.tar or MATLAB NetVLAD .mat file."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write."),
+    trust: bool = typer.Option(
+        False, help="Fully unpickle a torch checkpoint that stores Python objects (only for files you trust)."
+    ),
 ) -> None:
     """Convert a published NetVLAD checkpoint into a netvlad model file."""
-    from netvlad.checkpoints import import_checkpoint
-
-    model = import_checkpoint(checkpoint)
+    model = import_checkpoint(checkpoint, trust=trust)
     save_model(model, out, extra={"imported_from": checkpoint.name})
     typer.echo(f"wrote {out}: {model.config.backbone}, K={model.config.clusters}, dim={model.dim}")
