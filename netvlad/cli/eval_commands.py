@@ -1,0 +1,135 @@
+"""`netvlad eval`: Recall@N of a model on a place dataset, side by side with baselines."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from netvlad.baselines import BASELINES, fit_baseline
+from netvlad.cli.app import app
+from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
+from netvlad.evaluation import DEFAULT_NS, evaluate, plot_recall, write_per_query_csv
+from netvlad.modelfile import load_model
+
+
+def _parse_ns(text: str) -> tuple[int, ...]:
+    try:
+        ns = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, e.g. 1,5,10,20, got '{text}'") from None
+    if not ns or ns[0] < 1:
+        raise typer.BadParameter(f"N values must be positive, got '{text}'")
+    return ns
+
+
+@app.command("eval")
+def eval_command(
+    dataset_path: Annotated[Path, typer.Argument(metavar="DATASET", help="Place dataset folder (database.csv, queries.csv) or dbStruct .mat file.")],
+    model_path: Annotated[str, typer.Option("--model", "-m", help="Model file, or 'default'.")] = "default",
+    baselines: Annotated[
+        Optional[list[str]], typer.Option("--baseline", "-b", help=(
+            "Also evaluate a baseline fitted on the database photos (repeatable): rootsift-vlad, or untrained "
+            "(the model's architecture with random weights, BatchNorm and k-means initialised)."
+        ))
+    ] = None,
+    ns_text: Annotated[str, typer.Option("--ns", help="Comma-separated N of Recall@N.")] = ",".join(map(str, DEFAULT_NS)),
+    images_root: Annotated[Optional[Path], typer.Option(help=".mat datasets: folder the database image paths are relative to.")] = None,
+    queries_root: Annotated[Optional[Path], typer.Option(help=".mat datasets: folder of the query images (default: images root).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the Recall@N curves to this image (.png, .svg, …).")] = None,
+    per_query: Annotated[
+        Optional[Path], typer.Option("--per-query", help="Write per-query results (rank of the first positive, top images) to this CSV.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
+    device: Annotated[str, typer.Option(help="Torch device for the networks: cpu, cuda, cuda:1, …")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the baselines' random init and k-means.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+) -> None:
+    """Recall@N (a query is recalled when a database image within the positive radius is among
+    its N most similar) of a model and, optionally, baselines fitted on the database photos."""
+    ns = _parse_ns(ns_text)
+    for name in baselines or []:
+        if name not in BASELINES:
+            raise typer.BadParameter(f"{name!r} is not one of: {', '.join(BASELINES)}", param_hint="--baseline")
+    _check_device(device)
+    dataset = load_place_dataset(dataset_path, images_root=images_root, queries_root=queries_root)
+    model = load_model(model_path, device=device)
+    describe_model = partial(model.describe, batch_size=batch_size, progress=progress)
+
+    results = {Path(model_path).name: {"fit_s": 0.0, **evaluate(describe_model, dataset, ns, per_query=per_query is not None)}}
+    for name in dict.fromkeys(baselines or []):
+        start = time.perf_counter()
+        baseline = fit_baseline(name, dataset.db_paths(), model.config, seed=seed, device=device, progress=progress)
+        fit_s = time.perf_counter() - start
+        results[name] = {"fit_s": fit_s, **evaluate(baseline, dataset, ns, per_query=per_query is not None, progress=progress)}
+
+    if per_query is not None:
+        write_per_query_csv(per_query, dataset, results)
+    if plot is not None:
+        plot_recall(results, plot, title=f"{dataset.name or dataset_path.name}: {len(dataset.q_images)} queries")
+    if as_json:
+        typer.echo(json.dumps(_report(dataset_path, dataset, ns, results)))
+        return
+    _print_table(dataset_path, dataset, ns, results)
+    for path, what in ((per_query, "per-query results"), (plot, "recall plot")):
+        if path is not None:
+            typer.echo(f"wrote {what} to {path}")
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise typer.BadParameter(f"'{device}' is not a torch device (e.g. cpu, cuda, cuda:1)", param_hint="--device") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+
+
+def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], results: dict[str, dict]) -> dict:
+    """The `--json` output: dataset counts and, per method, Recall@N (keys are N as strings) and timings."""
+    first = next(iter(results.values()))
+    return {
+        "dataset": str(dataset_path),
+        "database": len(dataset.db_images),
+        "queries": len(dataset.q_images),
+        "evaluated_queries": first["queries"],
+        "skipped_queries": first["skipped"],
+        "positive_radius_m": dataset.pos_radius_m,
+        "ns": list(ns),
+        "methods": [
+            {
+                "name": name,
+                "recall": {str(n): r["recall"][n] for n in ns},
+                "dim": r["dim"],
+                "fit_s": round(r["fit_s"], 3),
+                "describe_s": round(r["describe_s"], 3),
+                "images_per_s": round(r["images_per_s"], 2),
+            }
+            for name, r in results.items()
+        ],
+    }
+
+
+def _print_table(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], results: dict[str, dict]) -> None:
+    """One row per method: Recall@N in percent, descriptor size, fit and describe times."""
+    first = next(iter(results.values()))
+    typer.echo(
+        f"{dataset_path}: {len(dataset.db_images)} database images, {first['queries']} queries evaluated"
+        f" ({first['skipped']} without positives within {dataset.pos_radius_m:g} m skipped)"
+    )
+    width = max(len("method"), *map(len, results))
+    typer.echo(
+        f"{'method':<{width}}" + "".join(f"{'R@' + str(n):>8}" for n in ns)
+        + f"{'dim':>8}{'fit s':>9}{'describe s':>12}{'img/s':>8}"
+    )
+    for name, r in results.items():
+        typer.echo(
+            f"{name:<{width}}" + "".join(f"{100 * r['recall'][n]:>7.1f}%" for n in ns)
+            + f"{r['dim']:>8}{r['fit_s']:>9.1f}{r['describe_s']:>12.1f}{r['images_per_s']:>8.1f}"
+        )
