@@ -1,0 +1,156 @@
+"""`netvlad train`: registered on the netvlad CLI through the `netvlad.commands` entry point
+(`train = "training.cli:register"`), so the library never imports this package."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from netvlad.datasets.placeset import DATABASE_CSV, load_place_dataset
+from netvlad.modelfile import load_model
+from training.loop import (
+    BEST_MODEL, CHECKPOINT, FINAL_MODEL, OPTIMIZERS, SCHEDULES, TrainConfig, Trainer, read_checkpoint,
+)
+from training.objectives import LOSSES
+
+_D = TrainConfig()
+# Options that may change when resuming; every other explicit option must match the checkpoint.
+_RESUMABLE = {"epochs", "workers", "device", "progress", "as_json", "val", "resume", "model", "dataset", "out"}
+
+
+def _choice(value: str, allowed, option: str) -> str:
+    if value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def _train_blocks(text: str) -> int | None:
+    if text in ("auto", "all"):
+        return None if text == "auto" else -1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < 0:
+        raise typer.BadParameter(f"expected a number >= 0, 'all' or 'auto', got {text!r}", param_hint="--train-blocks")
+    return value
+
+
+def split_folders(dataset: Path) -> tuple[Path, Path | None]:
+    """A `make-placeset --holdout` folder (train/ and val/ inside) → (train, val); else (dataset, None)."""
+    train, val = dataset / "train", dataset / "val"
+    if (train / DATABASE_CSV).is_file() and (val / DATABASE_CSV).is_file():
+        return train, val
+    return dataset, None
+
+
+def train_command(
+    ctx: typer.Context,
+    dataset: Annotated[Path, typer.Argument(help="Place dataset (folder with database.csv and queries.csv, a "
+                                                 "make-placeset folder with train/ and val/, or a dbStruct .mat).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint.pt, model.pt, best.pt, log.csv, curves.png.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Starting model file (from `netvlad init`); not needed with --resume.")] = None,
+    loss: Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES)}.")] = _D.loss,
+    epochs: Annotated[int, typer.Option(min=1, help="Total epochs (with --resume: may be raised).")] = _D.epochs,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate (RSW proxies: 100×).")] = _D.lr,
+    optimizer: Annotated[str, typer.Option(help=f"One of: {', '.join(OPTIMIZERS)}.")] = _D.optimizer,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = _D.weight_decay,
+    schedule: Annotated[str, typer.Option(help=f"LR schedule, one of: {', '.join(SCHEDULES)} (step: halve every --lr-step-epochs).")] = _D.schedule,
+    lr_step_epochs: Annotated[int, typer.Option(min=1)] = _D.lr_step_epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per optimiser step.")] = _D.batch_size,
+    cache_refresh: Annotated[int, typer.Option(min=1, help="Refresh the mining descriptor cache every this many queries.")] = _D.cache_refresh,
+    negatives: Annotated[int, typer.Option(min=0, help="Random negatives drawn per query (at most the database size).")] = _D.random_negatives,
+    max_negatives: Annotated[int, typer.Option(min=1, help="Hard negatives kept per query (at most a tenth of the database).")] = _D.max_negatives,
+    margin: Annotated[float, typer.Option(min=0.0, help="Triplet margin (squared descriptor distance).")] = _D.margin,
+    seed: Annotated[int, typer.Option(help="Seed of query order and negative sampling.")] = _D.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bfloat16 autocast (default: on for CUDA; ~2-3x faster on bf16 CPUs).")] = None,
+    channels_last: Annotated[bool, typer.Option(help="channels_last memory format.")] = _D.channels_last,
+    train_blocks: Annotated[str, typer.Option(help="Backbone blocks to train, from the last: a number, 'all', or 'auto' (1 on CPU, all on CUDA).")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="Image-loading worker processes.")] = _D.workers,
+    val: Annotated[Optional[Path], typer.Option(help="Validation place dataset (default: the val/ split, else the training queries).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    """Train a place-recognition model with hard-negative mining (triplet, soft-label or RSW loss)."""
+    train_path, val_path = split_folders(dataset)
+    train_set = load_place_dataset(train_path)
+    val_path = val if val is not None else val_path
+    val_set = load_place_dataset(val_path) if val_path is not None else None
+    if resume:
+        _check_resume_options(ctx, out)
+        trainer = Trainer.resume(out, train_set, val_set, device=device, progress=progress,
+                                 epochs=epochs if _given(ctx, "epochs") else None,
+                                 workers=workers if _given(ctx, "workers") else None)
+    else:
+        if (out / CHECKPOINT).exists():
+            raise typer.BadParameter(f"{out / CHECKPOINT} exists: pass --resume to continue that run, or choose "
+                                     "another folder", param_hint="--out")
+        if model is None:
+            raise typer.BadParameter("a starting model is needed (make one with `netvlad init`)", param_hint="--model")
+        config = TrainConfig(
+            loss=_choice(loss, LOSSES, "--loss"), epochs=epochs, lr=lr, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"),
+            weight_decay=weight_decay, schedule=_choice(schedule, SCHEDULES, "--schedule"), lr_step_epochs=lr_step_epochs,
+            batch_size=batch_size, cache_refresh=cache_refresh, random_negatives=negatives, max_negatives=max_negatives,
+            margin=margin, seed=seed, amp=amp, channels_last=channels_last, train_blocks=_train_blocks(train_blocks),
+            workers=workers,
+        )
+        trainer = Trainer(load_model(model), train_set, out, config, val_set, device=device, progress=progress)
+    for where in trainer.skipped:
+        typer.echo(f"warning: skipped query without a database image within "
+                   f"{train_set.nontrivial_radius_m:g} m: {where}", err=True)
+    mining = {"random_negatives": trainer.num_random, "max_negatives": trainer.max_negatives,
+              "cache_refresh": trainer.config.cache_refresh, "queries": len(trainer.queries)}
+    if not as_json:
+        typer.echo(f"{trainer.config.loss} loss on {mining['queries']} queries, {len(train_set.db_images)} database "
+                   f"images; per query {mining['random_negatives']} random + cached negatives, up to "
+                   f"{mining['max_negatives']} hard ones; cache refreshed every {mining['cache_refresh']} queries; "
+                   f"{trainer.device}, amp={trainer.amp}, epoch {trainer.epoch} → {trainer.config.epochs}")
+    record = trainer.fit()
+    first, last = record.rows[0], record.rows[-1]
+    summary = {
+        "out": str(out), "epochs": trainer.epoch, "model": str(out / FINAL_MODEL), "best": str(out / BEST_MODEL),
+        "best_epoch": trainer.best["epoch"], "skipped_queries": len(trainer.skipped),
+        "recall_start": {n: first[f"recall@{n}"] for n in (1, 5, 10)},
+        "recall": {n: last[f"recall@{n}"] for n in (1, 5, 10)},
+        "images_per_s": last["images_per_s"], "mining": mining, "config": asdict(trainer.config),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    recall = lambda r: "/".join(f"{100 * r[n]:.1f}" for n in (1, 5, 10))  # noqa: E731
+    typer.echo(f"trained {trainer.epoch} epochs: Recall@1/5/10 {recall(summary['recall_start'])} → "
+               f"{recall(summary['recall'])} %; wrote {out / FINAL_MODEL} and {out / BEST_MODEL} "
+               f"(epoch {trainer.best['epoch']}), log.csv, curves.png")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (not defaulted)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _check_resume_options(ctx: typer.Context, out: Path) -> None:
+    """Refuse explicit options that would change a resumed run (its settings live in the checkpoint)."""
+    saved = read_checkpoint(out / CHECKPOINT)["train_config"]
+    names = {f.name for f in fields(TrainConfig)} | {"negatives"}
+    for name, value in ctx.params.items():
+        if name in _RESUMABLE or not _given(ctx, name):
+            continue
+        key = "random_negatives" if name == "negatives" else name
+        if key == "train_blocks":
+            value = _train_blocks(value)
+        if key in names and value is not None and saved.get(key) != value:
+            option = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{value!r} differs from the checkpoint's {saved.get(key)!r}; a resumed run keeps "
+                                     "its settings (omit the option, or start a new --out)", param_hint=option)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` to the netvlad CLI (entry point group `netvlad.commands`)."""
+    app.command("train")(train_command)

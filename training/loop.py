@@ -1,0 +1,493 @@
+"""The training loop: mining chunks, optimiser and LR schedule, bf16 autocast, validation,
+checkpoints and exact resume.
+
+An epoch visits the usable training queries (those with a potential positive) in a seeded random
+order, in chunks of `cache_refresh` queries. Before each chunk the descriptor cache is refreshed
+(database and the chunk's queries, model in eval mode) and the chunk's tuples are mined; their
+images are then loaded (`workers` processes) in steps of `batch_size` queries. After each epoch
+Recall@1/5/10 is measured on the validation set (the training set's own queries when there is no
+val split), `model.pt` (latest) and `best.pt` (best Recall@1, epoch 0 = the starting model
+included) are written as plain model files, then `checkpoint.pt`, `log.csv` and `curves.png`.
+
+All sampling randomness comes from generators seeded with (seed, epoch), and a checkpoint holds
+everything else that evolves (weights, BatchNorm statistics, optimiser, scheduler, the
+hard-negative cache, the run record, global RNG states), so resuming after epoch e gives the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from netvlad.datasets.groundtruth import queries_without_positives
+from netvlad.datasets.placeset import PlaceDataset
+from netvlad.errors import DatasetError, ModelFileError
+from netvlad.evaluation import recall_at_n
+from netvlad.model import ModelConfig, NetVLADModel
+from netvlad.modelfile import save_model
+from training.images import PlaceImages, collate_items, describe_images, forward_descriptors
+from training.mining import HardNegativeMiner, MinedTuple
+from training.objectives import LOSSES, RSWObjective, SoftObjective, TripletObjective
+from training.runlog import RunLog
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "best.pt"
+FINAL_MODEL = "model.pt"
+CHECKPOINT_FORMAT = "netvlad-train-checkpoint"
+CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+RECALL_NS = (1, 5, 10)
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (stored in the checkpoint). Distances in metres, margin in squared
+    descriptor units, learning rates per step.
+
+    `train_blocks`: parameterised backbone blocks trained, counted from the last (for
+    resnet18-layer3: layer3, layer2, layer1, bn1, conv1); NetVLAD (and whitening) always train;
+    -1 = the whole backbone; None = 1 on CPU, all on CUDA. `amp`: bfloat16 autocast, None = on for
+    CUDA only. `random_negatives`/`max_negatives` shrink automatically on small databases (at most
+    Nd random negatives, at most Nd/10 mined ones).
+    """
+
+    loss: str = "triplet"
+    epochs: int = 5
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    lr_step_epochs: int = 5
+    batch_size: int = 4
+    cache_refresh: int = 1000
+    random_negatives: int = 1000
+    max_negatives: int = 10
+    margin: float = 0.1
+    soft_sigma_m: float = 10.0
+    soft_temperature: float = 0.1
+    soft_positives: int = 4
+    rsw_alpha: float = 0.5
+    rsw_k1: float = 0.25
+    rsw_k2: float = 2.0
+    rsw_temperature: float = 16.0
+    seed: int = 0
+    amp: bool | None = None
+    channels_last: bool = True
+    train_blocks: int | None = None
+    workers: int = 0
+    eval_batch_size: int = 16
+    deterministic: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.epochs >= 1 and self.batch_size >= 1 and self.cache_refresh >= 1, "epochs, batch size and cache refresh must be >= 1"),
+            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight decay >= 0"),
+            (self.random_negatives >= 0 and self.max_negatives >= 1, "random negatives must be >= 0, max negatives >= 1"),
+            (self.train_blocks is None or self.train_blocks >= -1, "train_blocks must be -1 (all), 0 or more"),
+            (self.workers >= 0 and self.eval_batch_size >= 1 and self.lr_step_epochs >= 1, "bad workers/eval batch/step epochs"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None → cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def freeze_backbone(model: NetVLADModel, train_blocks: int) -> list[nn.Module]:
+    """Freeze all but the last `train_blocks` parameterised backbone blocks (-1: freeze none);
+    returns the frozen blocks (the loop keeps them in eval mode: their BatchNorm statistics stay)."""
+    blocks = [m for m in model.backbone.children() if any(True for _ in m.parameters())]
+    keep = len(blocks) if train_blocks < 0 else min(train_blocks, len(blocks))
+    frozen = blocks[: len(blocks) - keep]
+    model.requires_grad_(True)
+    for block in frozen:
+        block.requires_grad_(False)
+    return frozen
+
+
+def dataset_fingerprint(dataset: PlaceDataset) -> str:
+    """sha256 of a dataset's image lists, positions and place ids (resume refuses another dataset)."""
+    digest = hashlib.sha256()
+    for part in (dataset.db_images, dataset.q_images):
+        digest.update("\n".join(part).encode())
+    for array in (dataset.db_utm, dataset.q_utm, dataset.db_place_ids, dataset.q_place_ids):
+        digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Temporarily switch `torch.use_deterministic_algorithms` (warn-only) on."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+class _StepImages(Dataset):
+    """Item s → the loaded (query items, database items) of step s's mined tuples."""
+
+    def __init__(self, steps: list[list[MinedTuple]], q_images: PlaceImages, db_images: PlaceImages):
+        self.steps, self.q_images, self.db_images = steps, q_images, db_images
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, s: int) -> tuple[list, list]:
+        tuples = self.steps[s]
+        return ([self.q_images[t.query] for t in tuples],
+                [self.db_images[int(j)] for t in tuples for j in np.concatenate([t.positives, t.negatives])])
+
+
+class Trainer:
+    """Trains `model` on `train_set`, validating on `val_set` (default: `train_set`), writing into `out`.
+
+    Use `fit()`; `Trainer.resume(out, …)` rebuilds a trainer from `out/checkpoint.pt`. The model
+    is moved to the device (and to channels_last) in place. Queries without a potential positive
+    are skipped and listed in `skipped` (file and row of each); `num_random` and `max_negatives`
+    are the mining sizes after scaling to the database.
+    """
+
+    def __init__(
+        self,
+        model: NetVLADModel,
+        train_set: PlaceDataset,
+        out: str | os.PathLike,
+        config: TrainConfig | None = None,
+        val_set: PlaceDataset | None = None,
+        device: str | torch.device | None = "auto",
+        progress: bool = True,
+    ):
+        config = config if config is not None else TrainConfig()
+        config.validate()
+        self.device = resolve_device(device)
+        cuda = self.device.type == "cuda"
+        config = replace(config, amp=cuda if config.amp is None else config.amp,
+                         train_blocks=(-1 if cuda else 1) if config.train_blocks is None else config.train_blocks)
+        self.config, self.out, self.progress, self.amp = config, Path(out), progress, config.amp
+        self.train_set, self.val_set = train_set, val_set if val_set is not None else train_set
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.db_images = PlaceImages(train_set, "database", model.preprocess)
+        self.q_images = PlaceImages(train_set, "queries", model.preprocess)
+        if self.val_set is train_set:
+            self.val_db_images, self.val_q_images = self.db_images, self.q_images
+        else:
+            self.val_db_images = PlaceImages(self.val_set, "database", model.preprocess)
+            self.val_q_images = PlaceImages(self.val_set, "queries", model.preprocess)
+        self.val_positives = self.val_set.positives()
+
+        potential = train_set.potential_positives()
+        missing = queries_without_positives(potential)
+        self.skipped = [self.q_images.where(int(i)) for i in missing]
+        self.queries = np.setdiff1d(np.arange(len(potential)), missing)
+        if len(self.queries) == 0:
+            raise DatasetError(
+                f"{train_set.root}: none of the {len(potential)} queries has a database image within "
+                f"{train_set.nontrivial_radius_m:g} m; nothing to train on"
+            )
+        if self.skipped:
+            log.info("skipping %d queries without a database image within %g m, e.g. %s",
+                     len(self.skipped), train_set.nontrivial_radius_m, self.skipped[0])
+        num_db = len(train_set.db_images)
+        self.num_random = min(config.random_negatives, num_db)
+        self.max_negatives = max(1, min(config.max_negatives, num_db // 10))
+        self.batch_size = min(config.batch_size, len(self.queries))
+
+        torch.manual_seed(config.seed)  # the RSW proxies' initialisation
+        self.objective = self._objective().to(self.device)
+        self.miner = HardNegativeMiner(
+            potential, train_set.positives(), num_db, self.num_random, self.max_negatives, config.margin,
+            max_positives=self.objective.max_positives, violating_only=self.objective.violating_only,
+        )
+        self.frozen = freeze_backbone(self.model, config.train_blocks)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        self.epoch, self.step = 0, 0
+        self.best: dict = {}
+        self.record = RunLog()
+        self._described: dict[int, tuple[int, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _objective(self) -> nn.Module:
+        c = self.config
+        if c.loss == "triplet":
+            return TripletObjective(c.margin, self.max_negatives)
+        if c.loss == "soft":
+            return SoftObjective(self.train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
+        return RSWObjective(self.train_set, self.model.dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = self.objective.param_groups(params, c.lr) if hasattr(self.objective, "param_groups") else params
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser-step slots per epoch: batches of `batch_size` queries within each cache chunk."""
+        n, chunk = len(self.queries), self.config.cache_refresh
+        full, rest = divmod(n, chunk)
+        return full * math.ceil(chunk / self.batch_size) + math.ceil(rest / self.batch_size)
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        def factor(step: int) -> float:  # reads the config each time: `resume(epochs=…)` stretches it
+            c, per_epoch = self.config, self.steps_per_epoch
+            if c.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, step / (c.epochs * per_epoch))))
+            if c.schedule == "step":
+                return 0.5 ** (step // (per_epoch * c.lr_step_epochs))
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    # ------------------------------------------------------------------ descriptors
+
+    def _describe(self, images: PlaceImages, indices: np.ndarray | None = None) -> np.ndarray:
+        """Descriptors of images[indices] (default all) under the current weights; all-image
+        results are reused until the next optimiser step (validation on the training set feeds
+        the next epoch's first cache refresh)."""
+        c = self.config
+        if indices is not None and len(indices) < len(images):
+            return describe_images(self.model, images, indices, c.eval_batch_size, c.workers, self.amp,
+                                   c.channels_last, self.progress)
+        cached = self._described.get(id(images))
+        if cached is None or cached[0] != self.step:
+            cached = self.step, describe_images(self.model, images, None, c.eval_batch_size, c.workers, self.amp,
+                                                c.channels_last, self.progress)
+            self._described = {k: v for k, v in self._described.items() if v[0] == self.step}
+            self._described[id(images)] = cached
+        return cached[1]
+
+    def validate(self) -> dict:
+        """Recall@1/5/10 (fractions) on the validation set with the current weights."""
+        db = self._describe(self.val_db_images)
+        q = self._describe(self.val_q_images)
+        return recall_at_n(db, q, self.val_positives, RECALL_NS)["recall"]
+
+    def _refresh(self, chunk: np.ndarray) -> None:
+        queries = np.sort(chunk)
+        db = self._describe(self.db_images)
+        if len(queries) == len(self.q_images):
+            self.miner.refresh(db, self._describe(self.q_images))
+        else:
+            self.miner.refresh(db, self._describe(self.q_images, queries), queries)
+
+    # ------------------------------------------------------------------ training
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for block in self.frozen:
+            block.eval()
+
+    def _train_step(self, tuples: list[MinedTuple], loaded: tuple[list, list]) -> tuple[float, int]:
+        """One optimiser step; returns (loss, images forwarded)."""
+        q_items, db_items = loaded
+        tensors = [self.q_images.checked(it) for it in q_items] + [self.db_images.checked(it) for it in db_items]
+        desc = forward_descriptors(self.model, tensors, self.amp, self.config.channels_last)
+        sizes = [len(t.positives) + len(t.negatives) for t in tuples]
+        query, rest = desc[: len(tuples)], desc[len(tuples) :]
+        loss = self.objective(query, list(torch.split(rest, sizes)), tuples)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach()), len(tensors)
+
+    def train_epoch(self) -> dict:
+        """Train one epoch (self.epoch + 1); returns its log values."""
+        epoch = self.epoch + 1
+        rng = np.random.default_rng([self.config.seed, epoch])
+        order = rng.permutation(self.queries)
+        c = self.config
+        losses, images, skipped, done, busy = [], 0, 0, 0, 0.0
+        bar = tqdm(total=len(order), desc=f"epoch {epoch}/{c.epochs}", unit="q", disable=not self.progress)
+        for start in range(0, len(order), c.cache_refresh):
+            chunk = order[start : start + c.cache_refresh]
+            self._refresh(chunk)
+            mined = [self.miner.mine(int(q), rng) for q in chunk]
+            slots = [mined[i : i + self.batch_size] for i in range(0, len(mined), self.batch_size)]
+            steps = [[t for t in slot if t is not None] for slot in slots]
+            loader = DataLoader(_StepImages(steps, self.q_images, self.db_images), batch_size=None,
+                                num_workers=c.workers, collate_fn=collate_items)
+            self._train_mode()
+            tick = time.perf_counter()
+            for slot, tuples, loaded in zip(slots, steps, loader):
+                done += len(slot)
+                skipped += len(slot) - len(tuples)
+                if tuples:
+                    loss, count = self._train_step(tuples, loaded)
+                    losses.append(loss)
+                    images += count
+                    self.record.steps.append((self.step, self.epoch + done / len(order), loss))
+                with warnings.catch_warnings():  # a first step slot with nothing to train on is fine
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    self.scheduler.step()
+                now = time.perf_counter()
+                busy, tick = busy + now - tick, now
+                bar.update(len(slot))
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}",
+                                img_s=f"{images / busy:.1f}" if busy else "-")
+        bar.close()
+        self.epoch = epoch
+        return {
+            "epoch": epoch, "steps": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": float(np.mean(losses)) if losses else float("nan"), "queries": len(order) - skipped,
+            "skipped": skipped, "images": images, "images_per_s": images / busy if busy else 0.0, "train_s": busy,
+        }
+
+    def fit(self, epochs: int | None = None) -> RunLog:
+        """Train up to `config.epochs` (or only `epochs` more); returns the run record."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        target = self.config.epochs if epochs is None else min(self.config.epochs, self.epoch + epochs)
+        with deterministic_algorithms(self.config.deterministic):
+            if not self.record.rows:
+                self._finish_epoch({"epoch": 0, "steps": 0})
+            while self.epoch < target:
+                self._finish_epoch(self.train_epoch())
+        return self.record
+
+    def _finish_epoch(self, values: dict) -> None:
+        recall = self.validate()
+        values.update({f"recall@{n}": recall[n] for n in RECALL_NS})
+        row = self.record.add_row(**values)
+        self.model.config.meta["training"] = {
+            "dataset": self.train_set.name or str(self.train_set.root), "loss": self.config.loss,
+            "epoch": self.epoch, "recall": {str(n): recall[n] for n in RECALL_NS},
+        }
+        save_model(self.model, self.out / FINAL_MODEL)
+        if not self.best or recall[1] > self.best["recall@1"]:
+            self.best = {"epoch": self.epoch, "recall@1": recall[1]}
+            save_model(self.model, self.out / BEST_MODEL)
+        self.save_checkpoint()
+        self.record.write(self.out)
+        if self.progress:
+            tqdm.write(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != ""))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write `out/checkpoint.pt` atomically (temp file + rename)."""
+        np_state = np.random.get_state()
+        payload = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "epoch": self.epoch, "step": self.step, "best": dict(self.best),
+            "train_config": asdict(self.config),
+            "dataset": dataset_fingerprint(self.train_set),
+            "model": {"config": self.model.config.to_dict(),
+                      "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+            "objective": {k: v.detach().cpu() for k, v in self.objective.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "miner": self.miner.state_dict(),
+            "record": self.record.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+                "python": random.getstate(),
+            },
+        }
+        path = self.out / CHECKPOINT
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def resume(
+        cls,
+        out: str | os.PathLike,
+        train_set: PlaceDataset,
+        val_set: PlaceDataset | None = None,
+        device: str | torch.device | None = "auto",
+        progress: bool = True,
+        epochs: int | None = None,
+        workers: int | None = None,
+    ) -> "Trainer":
+        """A trainer continuing the run in `out` from its checkpoint; `epochs` may raise the total
+        (the LR schedule then stretches to it), `workers` and `device` may change."""
+        payload = read_checkpoint(Path(out) / CHECKPOINT)
+        if payload["dataset"] != dataset_fingerprint(train_set):
+            raise DatasetError(f"{Path(out) / CHECKPOINT}: was trained on another dataset than {train_set.root}")
+        config = TrainConfig.from_dict(payload["train_config"])
+        if epochs is not None:
+            if epochs < payload["epoch"]:
+                raise ValueError(f"--epochs {epochs} is below the {payload['epoch']} epochs already trained")
+            config.epochs = epochs
+        if workers is not None:
+            config.workers = workers
+        model = NetVLADModel(ModelConfig.from_dict(payload["model"]["config"]))
+        model.load_state_dict(payload["model"]["state_dict"])
+        trainer = cls(model, train_set, out, config, val_set, device, progress)
+        trainer.objective.load_state_dict(payload["objective"])
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        trainer.scheduler.load_state_dict(payload["scheduler"])
+        trainer.miner.load_state_dict(payload["miner"])
+        trainer.record.load_state_dict(payload["record"])
+        trainer.epoch, trainer.step, trainer.best = payload["epoch"], payload["step"], dict(payload["best"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(rng["python"])
+        return trainer
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and check a training checkpoint (ModelFileError when missing or not one)."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no checkpoint to resume from")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors all mean "unreadable"
+        raise ModelFileError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: not a netvlad training checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ModelFileError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
+    return payload

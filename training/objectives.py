@@ -1,0 +1,108 @@
+"""The three training objectives on mined tuples (DESIGN §2.3).
+
+Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their images (query
+(B, D); per tuple its positives then negatives, (P_b + M_b, D)) into a scalar loss:
+
+- `triplet`: `TripletRankingLoss` with the best positive and the margin-violating negatives;
+- `soft`: listwise `SoftLabelCrossEntropy` over the query's positives and nearest negatives, soft
+  labels `exp(−(dist_m/σ)²)` from the geographic distance between query and candidate;
+- `rsw`: `RealignedSoftmaxWarpingLoss` with one proxy per place id, over every image of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from netvlad.datasets.placeset import PlaceDataset
+from netvlad.errors import DatasetError
+from netvlad.losses import RealignedSoftmaxWarpingLoss, SoftLabelCrossEntropy, TripletRankingLoss, geo_soft_labels
+from training.mining import MinedTuple
+
+LOSSES = ("triplet", "soft", "rsw")
+
+
+def _padded(candidates: Sequence[Tensor], start: int, stop: int | None) -> tuple[Tensor, Tensor]:
+    """Rows [start:stop] of each (C_b, D) tensor stacked into (B, C, D) with a (B, C) validity mask."""
+    rows = [c[start:stop] for c in candidates]
+    width = max(1, max(len(r) for r in rows))
+    out = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=out.device)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+        mask[b, : len(r)] = True
+    return out, mask
+
+
+class TripletObjective(nn.Module):
+    """NetVLAD's triplet ranking loss: best positive vs margin-violating negatives."""
+
+    max_positives, violating_only = 1, True
+
+    def __init__(self, margin: float, max_negatives: int):
+        super().__init__()
+        self.loss = TripletRankingLoss(margin=margin, max_negatives=max_negatives)
+
+    def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
+        positives, pos_mask = _padded(candidates, 0, 1)
+        negatives, neg_mask = _padded(candidates, 1, None)
+        return self.loss(query, positives, negatives, pos_mask, neg_mask)
+
+
+class SoftObjective(nn.Module):
+    """Listwise soft-label cross entropy over a query's candidates, labels from geographic distance."""
+
+    violating_only = False
+
+    def __init__(self, dataset: PlaceDataset, sigma_m: float, temperature: float, max_positives: int):
+        super().__init__()
+        self.max_positives = max_positives
+        self.sigma_m = sigma_m
+        self.register_buffer("db_utm", torch.as_tensor(dataset.db_utm), persistent=False)
+        self.register_buffer("q_utm", torch.as_tensor(dataset.q_utm), persistent=False)
+        self.loss = SoftLabelCrossEntropy(form="listwise", temperature=temperature)
+
+    def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
+        cands, mask = _padded(candidates, 0, None)
+        labels = torch.zeros(mask.shape, dtype=torch.float64, device=self.db_utm.device)
+        for b, t in enumerate(tuples):
+            ids = torch.as_tensor(np.concatenate([t.positives, t.negatives]), device=self.db_utm.device)
+            dist_m = (self.db_utm[ids] - self.q_utm[t.query]).norm(dim=1)
+            labels[b, : len(ids)] = geo_soft_labels(dist_m, self.sigma_m)
+        return self.loss(query, cands, labels.to(query), mask)
+
+
+class RSWObjective(nn.Module):
+    """Realigned Softmax Warping proxy loss: every image of the batch against one proxy per place.
+
+    Descriptors are unit norm, so the warp radius `alpha` is in those units (the authors' α = 8 is
+    for unnormalised embeddings and would never be reached here).
+    """
+
+    max_positives, violating_only = 1, False
+
+    def __init__(self, dataset: PlaceDataset, dim: int, alpha: float, k1: float, k2: float, temperature: float):
+        super().__init__()
+        if dataset.db_place_ids is None or dataset.q_place_ids is None:
+            raise DatasetError(
+                f"{dataset.root}: the rsw loss needs place ids, but the dataset has no 'place_id' column "
+                "(add one to database.csv and queries.csv, or use --loss triplet or soft)"
+            )
+        places, labels = np.unique(np.concatenate([dataset.db_place_ids, dataset.q_place_ids]), return_inverse=True)
+        self.register_buffer("db_labels", torch.as_tensor(labels[: len(dataset.db_place_ids)]), persistent=False)
+        self.register_buffer("q_labels", torch.as_tensor(labels[len(dataset.db_place_ids) :]), persistent=False)
+        self.loss = RealignedSoftmaxWarpingLoss(len(places), dim, alpha=alpha, k1=k1, k2=k2, temperature=temperature)
+
+    def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
+        device = self.db_labels.device
+        labels = [self.q_labels[torch.as_tensor([t.query for t in tuples], device=device)]]
+        for t in tuples:
+            labels.append(self.db_labels[torch.as_tensor(np.concatenate([t.positives, t.negatives]), device=device)])
+        return self.loss(torch.cat([query, *candidates]), torch.cat(labels))
+
+    def param_groups(self, parameters, lr: float) -> list[dict]:
+        """The model's parameters at `lr`, the proxies at a larger rate."""
+        return self.loss.param_groups(parameters, lr)
