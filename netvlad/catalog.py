@@ -1,0 +1,404 @@
+"""The SQLite catalog of an index folder: the source of truth for which photos are indexed.
+
+Two tables. ``images`` holds one row per distinct content (sha256): its id (also its faiss id;
+AUTOINCREMENT, so ids are never reused), header facts, optional metadata, a status and — once
+indexed — its descriptor (float16 BLOB). ``files`` maps every path seen to its image, so identical
+files share one image and are described once. A descriptor and its ``indexed`` status are written
+in the same transaction, which makes a killed run resumable without loss or duplicates.
+
+Statuses: ``pending`` (known, not yet described), ``indexed``, ``failed`` (``error`` says why),
+``removed`` (deleted through the API but its file is still in the photo folder: kept as a
+tombstone so the next folder scan does not add it back).
+
+File origins: ``folder`` (path relative to the indexed photo folder, ``meta.root``), ``file``
+(an absolute path added through the API) and ``upload`` (bytes stored by the index, path relative
+to the index folder).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from netvlad.errors import IndexStoreError
+from netvlad.exif import PhotoInfo
+
+SCHEMA_VERSION = 1
+DESCRIPTOR_DTYPE = np.float16
+STATUSES = ("pending", "indexed", "failed", "removed")
+ORIGINS = ("folder", "file", "upload")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    width INTEGER, height INTEGER,
+    taken_at TEXT, lat REAL, lon REAL,
+    metadata TEXT,
+    status TEXT NOT NULL CHECK (status IN {STATUSES}),
+    error TEXT,
+    descriptor BLOB,
+    added_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_status ON images(status);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    origin TEXT NOT NULL CHECK (origin IN {ORIGINS}),
+    image_id INTEGER REFERENCES images(id) ON DELETE CASCADE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS files_image ON files(image_id);
+"""
+
+#: Fields of a photo's metadata that have their own columns; other keys are kept as JSON.
+METADATA_COLUMNS = ("lat", "lon", "taken_at")
+
+
+@dataclass
+class ImageRecord:
+    """One catalogued photo. `path` is the absolute path of its first file (None if it has none);
+    `paths` every catalogued path (as stored: relative for folder photos)."""
+
+    id: int
+    sha256: str
+    size: int
+    status: str
+    path: str | None = None
+    paths: list[str] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    taken_at: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    metadata: dict = field(default_factory=dict)
+    error: str | None = None
+    added_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FileState(NamedTuple):
+    """What the catalog remembers of a path: size and mtime (ns) when it was hashed."""
+
+    size: int
+    mtime_ns: int
+
+
+class Catalog:
+    """SQLite catalog (WAL, synchronous=FULL: a committed change survives a crash).
+
+    One connection per thread; `transaction()` is re-entrant within a thread, so several writes
+    can be grouped into one atomic commit. Writers should be serialised by the caller (`Index`).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            conn = self.connection
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            version = self.get_meta("schema_version")
+            if version is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+                self.set_meta("revision", 0)
+            elif int(version) != SCHEMA_VERSION:
+                raise IndexStoreError(
+                    f"{self.path}: catalog schema version {version}, this netvlad reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise IndexStoreError(f"{self.path}: not a readable catalog ({exc})") from None
+        except IndexStoreError:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn, self._local.depth = conn, 0
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error); nested calls join the outer transaction."""
+        conn = self.connection
+        if self._local.depth:
+            self._local.depth += 1
+            try:
+                yield conn
+            finally:
+                self._local.depth -= 1
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+        finally:
+            self._local.depth = 0
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: object) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, str(value)),
+            )
+
+    @property
+    def revision(self) -> int:
+        """Counter bumped in every transaction that changes the set of indexed descriptors."""
+        return int(self.get_meta("revision") or 0)
+
+    def _bump(self, conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+
+    # ------------------------------------------------------------------------------ files
+
+    def files(self, origin: str = "folder") -> dict[str, FileState]:
+        """Every catalogued path of `origin` → its remembered size and mtime."""
+        rows = self.connection.execute("SELECT path, size, mtime_ns FROM files WHERE origin=?", (origin,))
+        return {path: FileState(size, mtime) for path, size, mtime in rows}
+
+    def record_file(
+        self,
+        path: str,
+        origin: str,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        info: PhotoInfo,
+        metadata: dict | None = None,
+    ) -> int:
+        """Record that `path` holds the content `sha256`; returns that content's image id.
+
+        New content becomes a `pending` image with the header facts `info`; known content keeps
+        its status (identical files are indexed once). `metadata` (lat, lon, taken_at and free
+        keys) overrides the header facts.
+        """
+        extra = dict(metadata or {})
+        given = {key: extra.pop(key) for key in METADATA_COLUMNS if key in extra}
+        columns = {"taken_at": info.taken_at, "lat": info.lat, "lon": info.lon} | given
+        with self.transaction() as conn:
+            row = conn.execute("SELECT id FROM images WHERE sha256=?", (sha256,)).fetchone()
+            if row is None:
+                image_id = conn.execute(
+                    "INSERT INTO images(sha256, size, width, height, taken_at, lat, lon, metadata, status, added_at)"
+                    " VALUES(?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (sha256, size, info.width, info.height, columns["taken_at"], columns["lat"],
+                     columns["lon"], json.dumps(extra) if extra else None, time.time()),
+                ).lastrowid
+            else:
+                image_id = row[0]
+                if metadata:
+                    self._update_metadata(conn, image_id, given, extra)
+            conn.execute(
+                "INSERT INTO files(path, origin, image_id, size, mtime_ns, error) VALUES(?, ?, ?, ?, ?, NULL)"
+                " ON CONFLICT(path) DO UPDATE SET origin=excluded.origin, image_id=excluded.image_id,"
+                " size=excluded.size, mtime_ns=excluded.mtime_ns, error=NULL",
+                (path, origin, image_id, size, mtime_ns),
+            )
+        return int(image_id)
+
+    def _update_metadata(self, conn: sqlite3.Connection, image_id: int, columns: dict, extra: dict) -> None:
+        for key, value in columns.items():
+            conn.execute(f"UPDATE images SET {key}=? WHERE id=?", (value, image_id))
+        if extra:
+            old = conn.execute("SELECT metadata FROM images WHERE id=?", (image_id,)).fetchone()[0]
+            merged = {**(json.loads(old) if old else {}), **extra}
+            conn.execute("UPDATE images SET metadata=? WHERE id=?", (json.dumps(merged), image_id))
+
+    def record_unreadable(self, path: str, origin: str, size: int, mtime_ns: int, error: str) -> None:
+        """Record a path that could not even be read (broken link, permission denied)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO files(path, origin, image_id, size, mtime_ns, error) VALUES(?, ?, NULL, ?, ?, ?)"
+                " ON CONFLICT(path) DO UPDATE SET image_id=NULL, size=excluded.size,"
+                " mtime_ns=excluded.mtime_ns, error=excluded.error",
+                (path, origin, size, mtime_ns, error),
+            )
+
+    def delete_files(self, paths: Iterable[str]) -> list[int]:
+        """Forget these paths; images no file shows any more go too. Returns the ids of those
+        images that were indexed."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM files WHERE path=?", ((p,) for p in paths))
+            return self.delete_orphans()
+
+    def delete_orphans(self) -> list[int]:
+        """Delete images no file shows any more (their content was replaced or deleted); returns
+        the ids of those that were indexed."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "DELETE FROM images WHERE NOT EXISTS (SELECT 1 FROM files WHERE files.image_id = images.id)"
+                " RETURNING id, status"
+            ).fetchall()
+            gone = [image_id for image_id, status in rows if status == "indexed"]
+            if gone:
+                self._bump(conn)
+        return gone
+
+    def upload_paths(self, image_id: int) -> list[str]:
+        """Index-relative paths of the uploaded files showing image `image_id`."""
+        rows = self.connection.execute(
+            "SELECT path FROM files WHERE image_id=? AND origin='upload'", (image_id,)
+        )
+        return [row[0] for row in rows]
+
+    # ------------------------------------------------------------------------------ images
+
+    def find(self, sha256: str) -> tuple[int | None, str | None]:
+        """(id, status) of the image with this content, (None, None) when unknown."""
+        row = self.connection.execute("SELECT id, status FROM images WHERE sha256=?", (sha256,)).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    def status(self, image_id: int) -> str | None:
+        row = self.connection.execute("SELECT status FROM images WHERE id=?", (image_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def pending(self) -> list[tuple[int, str, str, int | None, int | None]]:
+        """(id, path, origin, width, height) of each pending image (one of its files), by id."""
+        return self.connection.execute(
+            "SELECT i.id, MIN(f.path), f.origin, i.width, i.height FROM images i"
+            " JOIN files f ON f.image_id = i.id WHERE i.status='pending' GROUP BY i.id ORDER BY i.id"
+        ).fetchall()
+
+    def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
+        """Store (n, dim) descriptors and mark those images indexed, atomically."""
+        if len(ids) != len(descriptors):
+            raise ValueError(f"{len(ids)} ids for {len(descriptors)} descriptors")
+        blobs = np.ascontiguousarray(descriptors, dtype=DESCRIPTOR_DTYPE)
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE images SET descriptor=?, status='indexed', error=NULL WHERE id=?",
+                ((blob.tobytes(), int(i)) for i, blob in zip(ids, blobs)),
+            )
+            self._bump(conn)
+
+    def mark_failed(self, failures: Iterable[tuple[int, str]]) -> None:
+        """Mark images failed with their reasons: [(id, reason), …]."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE images SET status='failed', error=? WHERE id=?",
+                ((reason, int(i)) for i, reason in failures),
+            )
+
+    def remove(self, ids: Iterable[int]) -> list[int]:
+        """Take images out of the index; returns the ids that were indexed. Images still shown by a
+        folder or external file become `removed` tombstones; the others are deleted."""
+        removed = []
+        with self.transaction() as conn:
+            for image_id in ids:
+                image_id = int(image_id)
+                status = self.status(image_id)
+                if status is None:
+                    continue
+                conn.execute("DELETE FROM files WHERE image_id=? AND origin='upload'", (image_id,))
+                conn.execute(
+                    "UPDATE images SET status='removed', descriptor=NULL, error=NULL WHERE id=?", (image_id,)
+                )
+                if status == "indexed":
+                    removed.append(image_id)
+            self.delete_orphans()
+            if removed:
+                self._bump(conn)
+        return removed
+
+    def indexed_ids(self) -> np.ndarray:
+        """Ids of every indexed image, ascending, int64."""
+        rows = self.connection.execute("SELECT id FROM images WHERE status='indexed' ORDER BY id")
+        return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    def descriptors(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """(len(ids), dim) float32 descriptors of indexed images, in the order of `ids`."""
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        position = {int(i): k for k, i in enumerate(ids)}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = [int(i) for i in ids[start : start + 900]]
+            rows = self.connection.execute(
+                f"SELECT id, descriptor FROM images WHERE status='indexed' AND id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            if len(rows) != len(set(chunk)):
+                missing = sorted(set(chunk) - {row[0] for row in rows})
+                raise IndexStoreError(f"{self.path}: no descriptor for image ids {missing[:10]}")
+            for image_id, blob in rows:
+                out[position[image_id]] = np.frombuffer(blob, dtype=DESCRIPTOR_DTYPE)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Number of images in each status."""
+        rows = self.connection.execute("SELECT status, COUNT(*) FROM images GROUP BY status")
+        return {status: 0 for status in STATUSES} | dict(rows.fetchall())
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file that could not be read or decoded, sorted by path."""
+        return self.connection.execute(
+            "SELECT f.path, COALESCE(f.error, i.error) FROM files f LEFT JOIN images i ON i.id = f.image_id"
+            " WHERE f.error IS NOT NULL OR i.status='failed' ORDER BY f.path"
+        ).fetchall()
+
+    def records(self, ids: Sequence[int], resolve) -> dict[int, ImageRecord]:
+        """id → ImageRecord for the ids that exist; `resolve(path, origin)` gives absolute paths."""
+        out: dict[int, ImageRecord] = {}
+        for start in range(0, len(ids), 900):
+            chunk = [int(i) for i in ids[start : start + 900]]
+            marks = ",".join("?" * len(chunk))
+            for row in self.connection.execute(
+                "SELECT id, sha256, size, status, width, height, taken_at, lat, lon, metadata, error, added_at"
+                f" FROM images WHERE id IN ({marks})",
+                chunk,
+            ):
+                out[row[0]] = ImageRecord(
+                    id=row[0], sha256=row[1], size=row[2], status=row[3], width=row[4], height=row[5],
+                    taken_at=row[6], lat=row[7], lon=row[8], metadata=json.loads(row[9]) if row[9] else {},
+                    error=row[10], added_at=row[11],
+                )
+            for image_id, path, origin in self.connection.execute(
+                f"SELECT image_id, path, origin FROM files WHERE image_id IN ({marks}) ORDER BY path", chunk
+            ):
+                record = out[image_id]
+                if record.path is None:
+                    record.path = str(resolve(path, origin))
+                record.paths.append(path)
+        return out

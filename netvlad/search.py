@@ -1,0 +1,114 @@
+"""Search results, multi-photo fusion and location estimate (DESIGN §2.2).
+
+Several query photos of one place are fused robustly: a database image's score is the soft median
+of its cosine similarities to each query photo, so one blurred, occluded or wrong photo among
+three or more cannot lift a wrong image or sink the right one (the mean would let it). The
+location is the weighted soft median (soft L1-medoid, in metres) of the top hits' coordinates,
+weighted by the soft argmax of their scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyproj
+import torch
+
+from netvlad.soft import softargmax, softmedian, weighted_softmedian
+
+FUSIONS = ("softmedian", "mean", "max")
+#: Sharpness of the fusion soft median, per unit of cosine similarity: similarities 0.1 apart
+#: are told apart (α·gap = 5), 0.01 apart are blended.
+FUSION_ALPHA = 50.0
+#: Sharpness of the soft argmax turning hit scores into location weights (per unit similarity).
+LOCATION_SCORE_ALPHA = 20.0
+#: Hits closer than about this many metres are blended by the location soft median.
+LOCATION_SCALE_M = 25.0
+
+
+@dataclass
+class Location:
+    """Estimated position: WGS 84 degrees, the number of hits with coordinates it rests on, and
+    the weighted mean distance (m) of those hits from it (a rough uncertainty)."""
+
+    lat: float
+    lon: float
+    support: int
+    spread_m: float
+
+
+@dataclass
+class Hit:
+    """One result: catalog id, fused score (cosine similarity scale), absolute path of its file,
+    coordinates when catalogued, and its similarity to each query photo."""
+
+    id: int
+    score: float
+    path: str | None
+    lat: float | None = None
+    lon: float | None = None
+    query_scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits (best first), the location estimate (None without coordinates), the fusion
+    used and the number of query photos."""
+
+    hits: list[Hit]
+    location: Location | None
+    fusion: str
+    queries: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fuse_scores(similarities: np.ndarray, method: str = "softmedian", alpha: float = FUSION_ALPHA) -> np.ndarray:
+    """(n, m) similarities of n database images to m query photos → (n,) fused scores.
+
+    ``softmedian`` (robust), ``mean`` or ``max``. With one query photo all three return it.
+    """
+    if method not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, not {method!r}")
+    sims = torch.as_tensor(np.asarray(similarities, dtype=np.float64))
+    if sims.ndim != 2 or sims.shape[1] == 0:
+        raise ValueError(f"similarities must be (n, m) with m ≥ 1, got {tuple(sims.shape)}")
+    if method == "mean":
+        fused = sims.mean(dim=1)
+    elif method == "max":
+        fused = sims.amax(dim=1)
+    else:
+        fused = softmedian(sims, dim=1, alpha=alpha)
+    return fused.numpy()
+
+
+def estimate_location(
+    lat: np.ndarray,
+    lon: np.ndarray,
+    scores: np.ndarray,
+    score_alpha: float = LOCATION_SCORE_ALPHA,
+    scale_m: float = LOCATION_SCALE_M,
+) -> Location | None:
+    """Robust position of the hits (degrees, NaN where unknown) given their scores (k,).
+
+    Coordinates are projected to metres (azimuthal equidistant, centred on the best hit), the
+    weighted soft median taken with weights softargmax(scores) and sharpness 1/`scale_m`, and
+    the result projected back. None when no hit has coordinates.
+    """
+    lat, lon, scores = (np.asarray(a, dtype=np.float64) for a in (lat, lon, scores))
+    known = np.isfinite(lat) & np.isfinite(lon) & np.isfinite(scores)
+    if not known.any():
+        return None
+    lat, lon, scores = lat[known], lon[known], scores[known]
+    best = int(np.argmax(scores))
+    local = pyproj.CRS.from_proj4(f"+proj=aeqd +lat_0={lat[best]} +lon_0={lon[best]} +datum=WGS84 +units=m")
+    to_local = pyproj.Transformer.from_crs("EPSG:4326", local, always_xy=True)
+    east, north = to_local.transform(lon, lat)
+    points = torch.tensor(np.stack([east, north], axis=1))
+    weights = softargmax(torch.tensor(scores), dim=0, alpha=score_alpha)
+    estimate = weighted_softmedian(points, weights, dim=0, alpha=1.0 / scale_m)
+    spread = float((weights * (points - estimate).norm(dim=1)).sum())
+    est_lon, est_lat = to_local.transform(float(estimate[0]), float(estimate[1]), direction="INVERSE")
+    return Location(lat=float(est_lat), lon=float(est_lon), support=int(known.sum()), spread_m=spread)

@@ -1,0 +1,104 @@
+"""`netvlad serve` and `netvlad demo`, registered on the `netvlad` CLI through the
+`netvlad.commands` entry-point group (`serve = "service.cli:register"`)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+import uvicorn
+
+import netvlad
+from netvlad.datasets.photos import collect_photos
+from netvlad.errors import ModelFileError, NetVLADError
+from netvlad.index import MANIFEST, Index, read_manifest
+from netvlad.indexing import index_folder
+from netvlad.model import NetVLADModel
+from service.app import create_app
+from service.settings import Settings
+
+DEMO_DIR = Path("demo")
+PHOTOS_DIR = Path("data/photos")
+
+
+def _run(settings: Settings, host: str, port: int) -> None:
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def _banner(host: str, port: int, photo: Path | None) -> str:
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    lines = [f"netvlad: web page {url}/   API documentation {url}/docs"]
+    if photo is not None:
+        lines.append(f"  curl -F images=@{photo} -F top_k=5 {url}/v1/search")
+    return "\n".join(lines)
+
+
+def demo_model(photos: list[Path]) -> NetVLADModel:
+    """The shipped model; else ImageNet weights with NetVLAD initialised on `photos`; else a clear error."""
+    try:
+        return netvlad.load_model("default")
+    except ModelFileError as missing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = netvlad.build_model("resnet18-layer3", 64, input_mode="rgb", pretrained=True)
+        if not model.config.meta.get("pretrained"):
+            raise NetVLADError(
+                f"no model for the demo: {missing}; and the ImageNet weights are not in the torch hub cache "
+                "(~/.cache/torch/hub/checkpoints) — put them there or pass --model FILE"
+            ) from None
+        typer.echo("the shipped model is missing: using ImageNet weights, NetVLAD initialised on the demo photos")
+        netvlad.init_model(model, photos, progress=True)
+        return model
+
+
+def build_demo(directory: Path, photos_dir: Path, model: Optional[str]) -> tuple[Path, list[Path]]:
+    """Collect the demo photos and bring the demo index up to date; returns (index folder, photos)."""
+    photos = collect_photos(photos_dir)
+    index_dir = directory / "index"
+    if (index_dir / MANIFEST).exists():
+        index = Index.open(index_dir, model, writable=True)
+    else:
+        index = Index.create(index_dir, model or demo_model(photos))
+    with index:
+        report = index_folder(index, photos_dir)
+    typer.echo(f"demo index {index_dir}: {report.images} photos ({report.described} described now, "
+               f"{report.unchanged} unchanged)")
+    return index_dir, photos
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` and `demo` to the `netvlad` typer app."""
+
+    @app.command("serve")
+    def serve_command(
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder (from `netvlad index`).",
+                                   envvar="NETVLAD_INDEX_DIR"),
+        model: Optional[str] = typer.Option(None, "--model", "-m",
+                                            help="Model file or name; must be the index's (default: the index's own).",
+                                            envvar="NETVLAD_MODEL"),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+        port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    ) -> None:
+        """Serve the REST API and web page over an index. Other settings come from NETVLAD_*
+        environment variables or .env (API key, limits, device, batching)."""
+        read_manifest(index)  # a clear error now rather than a traceback from the server
+        typer.echo(_banner(host, port, None))
+        _run(Settings(index_dir=index, model=model), host, port)
+
+    @app.command("demo")
+    def demo_command(
+        directory: Path = typer.Option(DEMO_DIR, "--dir", help="Where the demo index goes."),
+        photos: Path = typer.Option(PHOTOS_DIR, "--photos", help="Folder for the demo photos (collected if missing)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file (default: the shipped model)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+        serve: bool = typer.Option(True, help="Start the server once the index is ready."),
+    ) -> None:
+        """Build a demo collection from the approved real photos, index it, and serve it on localhost.
+        A second run reuses the photos and the index."""
+        index_dir, collected = build_demo(directory, photos, model)
+        typer.echo(_banner(host, port, collected[0] if collected else None))
+        if serve:
+            _run(Settings(index_dir=index_dir), host, port)

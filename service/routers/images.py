@@ -1,0 +1,129 @@
+"""/v1/images: add a photo (durable when the 201 is sent), read its record or file, delete it."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Path, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from netvlad.catalog import ImageRecord
+from service.deps import ReadAccess, ServiceState, State, WriteAccess
+from service.schemas import ErrorOut, ImageOut
+from service.uploads import decode_upload, read_upload
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Image id.")]
+NOT_FOUND = {404: {"model": ErrorOut, "description": "No image with this id."}}
+AUTH = {401: {"model": ErrorOut, "description": "API key missing or wrong."}}
+WRITE_AUTH = {**AUTH, 403: {"model": ErrorOut, "description": "Writes are disabled on this service."}}
+UPLOAD_ERRORS = {
+    **WRITE_AUTH,
+    413: {"model": ErrorOut, "description": "File or image over the size or pixel limit."},
+    415: {"model": ErrorOut, "description": "Not an image."},
+    422: {"description": "Corrupt image, or invalid metadata."},
+}
+
+
+def file_url(request: Request, image_id: int) -> str:
+    return str(request.url_for("get_image_file", image_id=image_id).path)
+
+
+def display_name(metadata: dict, path: str | None) -> str | None:
+    """The metadata `name` when given, else the file name."""
+    name = metadata.get("name")
+    return str(name) if name else (FilePath(path).name if path else None)
+
+
+def image_out(request: Request, record: ImageRecord) -> ImageOut:
+    fields = record.to_dict()
+    for key in ("paths", "error"):
+        fields.pop(key)
+    return ImageOut(**fields, name=display_name(record.metadata, record.path), file_url=file_url(request, record.id))
+
+
+def _record(state: ServiceState, image_id: int) -> ImageRecord:
+    record = state.index.get(image_id)
+    if record is None:
+        raise HTTPException(404, f"no image with id {image_id}")
+    return record
+
+
+def _metadata(name: str | None, lat: float | None, lon: float | None, extra: str | None) -> dict:
+    """Catalog metadata from the form fields; 422 when inconsistent."""
+    metadata: dict = {}
+    if extra:
+        try:
+            metadata = json.loads(extra)
+        except ValueError as exc:
+            raise HTTPException(422, f"metadata is not valid JSON ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise HTTPException(422, "metadata must be a JSON object")
+    if (lat is None) != (lon is None):
+        raise HTTPException(422, "give both lat and lon, or neither")
+    if lat is not None:
+        metadata.update(lat=lat, lon=lon)
+    if name:
+        metadata["name"] = name
+    return metadata
+
+
+def _add(state: ServiceState, data: bytes, name: str, metadata: dict) -> ImageRecord:
+    """Validate, then add to catalog and index in one durable step (worker thread)."""
+    decode_upload(data, name, state.settings.max_pixels)
+    (image_id,) = state.index.add([data], [metadata or None])
+    return state.index.get(image_id)
+
+
+@router.post("", status_code=201, response_model=ImageOut, responses=UPLOAD_ERRORS, dependencies=[WriteAccess])
+async def add_image(
+    request: Request,
+    response: Response,
+    state: State,
+    image: Annotated[UploadFile, File(description="The photo.")],
+    name: Annotated[str | None, Form(max_length=200, description="Display name.")] = None,
+    lat: Annotated[float | None, Form(ge=-90, le=90, description="Latitude, decimal degrees (WGS 84).")] = None,
+    lon: Annotated[float | None, Form(ge=-180, le=180, description="Longitude, decimal degrees (WGS 84).")] = None,
+    metadata: Annotated[str | None, Form(max_length=10_000, description="Other metadata, a JSON object.")] = None,
+) -> ImageOut:
+    """Add a photo to the collection. When the answer (201) arrives, the photo is described, stored
+    in the catalog and the index, and survives a restart. The same content added twice keeps one id."""
+    meta = _metadata(name, lat, lon, metadata)
+    data = await read_upload(image, state.settings.max_upload_bytes)
+    record = await run_in_threadpool(_add, state, data, image.filename or "upload", meta)
+    response.headers["Location"] = str(request.url_for("get_image", image_id=record.id).path)
+    return image_out(request, record)
+
+
+@router.get("/{image_id}", response_model=ImageOut, responses={**NOT_FOUND, **AUTH}, dependencies=[ReadAccess])
+async def get_image(request: Request, state: State, image_id: ImageId) -> ImageOut:
+    """The catalog record of an image."""
+    return image_out(request, await run_in_threadpool(_record, state, image_id))
+
+
+@router.get(
+    "/{image_id}/file", response_class=FileResponse, dependencies=[ReadAccess],
+    responses={200: {"content": {"image/*": {}}, "description": "The photo file."}, **NOT_FOUND, **AUTH},
+)
+async def get_image_file(state: State, image_id: ImageId) -> FileResponse:
+    """The photo file as stored."""
+    record = await run_in_threadpool(_record, state, image_id)
+    path = FilePath(record.path) if record.path else None
+    if path is None or not path.is_file():
+        raise HTTPException(404, f"image {image_id}: its file is no longer on the server")
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
+
+
+@router.delete("/{image_id}", status_code=204, responses={**NOT_FOUND, **WRITE_AUTH}, dependencies=[WriteAccess])
+async def delete_image(state: State, image_id: ImageId) -> Response:
+    """Remove an image from the collection (an uploaded file is deleted; a photo of the indexed
+    folder stays on disk and is not added back by later `netvlad index` runs)."""
+    await run_in_threadpool(_record, state, image_id)
+    await run_in_threadpool(state.index.remove, [image_id])
+    return Response(status_code=204)

@@ -1,0 +1,75 @@
+"""POST /v1/search: rank the collection by similarity to one or several uploaded photos."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import ReadAccess, ServiceState, State
+from service.routers.images import display_name, file_url
+from service.schemas import DEFAULT_FUSION, ErrorOut, Fusion, LocationEstimate, SearchOut, SearchResult
+from service.uploads import decode_upload, read_upload
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {
+    401: {"model": ErrorOut, "description": "API key missing or wrong (when reads are protected)."},
+    413: {"model": ErrorOut, "description": "A file or image over the size or pixel limit."},
+    415: {"model": ErrorOut, "description": "A file that is not an image."},
+    422: {"description": "Corrupt image, or invalid parameters."},
+}
+
+
+def _prepare(state: ServiceState, uploads: list[tuple[str, bytes]]) -> list[torch.Tensor]:
+    """Decode and preprocess query photos → (3, H, W) tensors (worker thread)."""
+    preprocess = state.index.model.preprocess
+    return [preprocess(decode_upload(data, name, state.settings.max_pixels)) for name, data in uploads]
+
+
+def _rank(state: ServiceState, descriptors: np.ndarray, top_k: int, fusion: str):
+    """Search the index and fetch the hits' catalog records (worker thread)."""
+    found = state.index.search_descriptors(descriptors, top_k, fusion)
+    return found, state.index.catalog.records([hit.id for hit in found.hits], state.index.resolve)
+
+
+@router.post("/v1/search", response_model=SearchOut, responses=ERRORS, dependencies=[ReadAccess])
+async def search(
+    request: Request,
+    state: State,
+    images: Annotated[list[UploadFile], File(description="One or more photos of the same place.")],
+    top_k: Annotated[int, Form(ge=1, description="How many results (at most the service's max_top_k).")] = 10,
+    fusion: Annotated[Fusion, Form(description="How several query photos are combined.")] = DEFAULT_FUSION,
+) -> SearchOut:
+    """Search the collection with one or several photos; several photos of one place are fused
+    into one ranking, and the best results' coordinates into a location estimate."""
+    start = time.perf_counter()
+    settings = state.settings
+    if len(images) > settings.max_query_images:
+        raise HTTPException(422, f"{len(images)} photos: at most {settings.max_query_images} per search")
+    if top_k > settings.max_top_k:
+        raise HTTPException(422, f"top_k={top_k} is more than the limit of {settings.max_top_k}")
+    uploads = [
+        (upload.filename or f"photo {i + 1}", await read_upload(upload, settings.max_upload_bytes))
+        for i, upload in enumerate(images)
+    ]
+    descriptors: np.ndarray = await state.batcher.describe(run_in_threadpool(_prepare, state, uploads))
+    found, records = await run_in_threadpool(_rank, state, descriptors, top_k, fusion.value)
+    results = []
+    for rank, hit in enumerate(found.hits, start=1):
+        record = records.get(hit.id)
+        metadata = record.metadata if record else {}
+        results.append(SearchResult(
+            rank=rank, id=hit.id, score=hit.score, query_scores=hit.query_scores,
+            name=display_name(metadata, hit.path), path=hit.path, lat=hit.lat, lon=hit.lon,
+            taken_at=record.taken_at if record else None, metadata=metadata, file_url=file_url(request, hit.id),
+        ))
+    return SearchOut(
+        results=results,
+        location=LocationEstimate.model_validate(found.location, from_attributes=True) if found.location else None,
+        queries=found.queries, fusion=fusion, took_ms=(time.perf_counter() - start) * 1000,
+    )

@@ -1,0 +1,57 @@
+"""Liveness, readiness, Prometheus metrics and the service description used by the web page."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from netvlad.search import FUSIONS
+from service.deps import State
+from service.schemas import DEFAULT_FUSION, Health, Info, Ready
+
+router = APIRouter(tags=["status"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process answers (liveness)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready."}})
+async def readyz(request: Request):
+    """Model and index are loaded and the catalog answers (readiness)."""
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        return JSONResponse(Ready(ready=False, detail="model and index not loaded").model_dump(), status_code=503)
+    try:
+        count = await run_in_threadpool(len, state.index)
+        await run_in_threadpool(state.index.catalog.counts)
+    except Exception as exc:  # whatever breaks the catalog or index makes the service unready
+        return JSONResponse(Ready(ready=False, model=state.model_name, detail=f"index unavailable: {exc}").model_dump(),
+                            status_code=503)
+    return Ready(ready=True, model=state.model_name, images=count)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
+async def metrics(request: Request) -> Response:
+    """Request counts and latencies per route, forward-pass batch sizes, index size."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info", response_model=Info)
+async def info(state: State) -> Info:
+    """Model, collection size, limits and access rules (what the web page adapts to)."""
+    settings = state.settings
+    has_key = settings.api_key is not None
+    return Info(
+        model=state.model_name, dim=state.index.dim, count=await run_in_threadpool(len, state.index),
+        fusion_modes=list(FUSIONS), default_fusion=DEFAULT_FUSION,
+        writes_allowed=settings.allow_writes and state.index.writable,
+        writes_need_key=has_key, reads_need_key=has_key and settings.protect_reads,
+        max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+        max_query_images=settings.max_query_images, max_top_k=settings.max_top_k,
+    )

@@ -1,0 +1,101 @@
+"""Request and response bodies of the REST API (pydantic v2); they define the OpenAPI document."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+from netvlad.search import FUSIONS
+
+#: How the similarities of several query photos to one collection photo become its score:
+#: ``softmedian`` (robust to a bad query photo, DESIGN §2.2), ``mean`` or ``max``.
+Fusion = Enum("Fusion", {name: name for name in FUSIONS}, type=str)
+DEFAULT_FUSION = Fusion(FUSIONS[0])
+
+
+class ErrorOut(BaseModel):
+    """Every error response: one sentence saying what was wrong."""
+
+    detail: str = Field(examples=["upload is 31,457,280 bytes; the limit is 20,000,000 bytes"])
+
+
+class ImageOut(BaseModel):
+    """A photo of the collection."""
+
+    id: int = Field(description="Image id (stable; never reused).")
+    status: str = Field(description="pending, indexed, failed or removed.")
+    name: str | None = Field(None, description="Display name (metadata `name`, else the file name).")
+    path: str | None = Field(None, description="Absolute path of its file on the server.")
+    sha256: str
+    size: int = Field(description="File size in bytes.")
+    width: int | None = Field(None, description="Pixels, EXIF orientation applied.")
+    height: int | None = None
+    taken_at: str | None = Field(None, description="Capture time, ISO 8601 local time.")
+    lat: float | None = Field(None, description="Latitude, decimal degrees (WGS 84).")
+    lon: float | None = Field(None, description="Longitude, decimal degrees (WGS 84).")
+    metadata: dict = Field(default_factory=dict, description="Other metadata given when it was added.")
+    added_at: float = Field(description="Unix time it entered the catalog.")
+    file_url: str = Field(description="Where to download the photo.")
+
+
+class SearchResult(BaseModel):
+    """One collection photo in a result list, best first."""
+
+    rank: int = Field(ge=1)
+    id: int
+    score: float = Field(description="Cosine similarity to the query (fused over the query photos).")
+    query_scores: list[float] = Field(description="Cosine similarity to each query photo, in upload order.")
+    name: str | None = None
+    path: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    taken_at: str | None = None
+    metadata: dict = Field(default_factory=dict)
+    file_url: str
+
+
+class LocationEstimate(BaseModel):
+    """Where the query photos were probably taken: a robust (soft weighted median) combination of
+    the coordinates of the best results, weighted by their scores."""
+
+    lat: float
+    lon: float
+    support: int = Field(description="How many results with coordinates were combined.")
+    spread_m: float = Field(description="Score-weighted mean distance of those results from the estimate, metres.")
+
+
+class SearchOut(BaseModel):
+    results: list[SearchResult]
+    location: LocationEstimate | None = Field(None, description="Absent when no result has coordinates.")
+    queries: int = Field(description="Number of query photos.")
+    fusion: Fusion
+    took_ms: float = Field(description="Server time for this search, milliseconds.")
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Ready(BaseModel):
+    ready: bool
+    model: str | None = None
+    images: int | None = Field(None, description="Indexed images.")
+    detail: str | None = Field(None, description="Why the service is not ready.")
+
+
+class Info(BaseModel):
+    """What the web page needs to know about this service."""
+
+    model: str
+    dim: int
+    count: int = Field(description="Indexed images.")
+    fusion_modes: list[Fusion]
+    default_fusion: Fusion
+    writes_allowed: bool
+    writes_need_key: bool
+    reads_need_key: bool
+    max_upload_bytes: int
+    max_pixels: int
+    max_query_images: int
+    max_top_k: int

@@ -1,0 +1,39 @@
+"""Service settings from environment variables (prefix ``NETVLAD_``) or a ``.env`` file.
+
+    NETVLAD_INDEX_DIR=demo/index NETVLAD_API_KEY=secret netvlad serve ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the app reads at start-up; sizes in bytes, pixels as width × height."""
+
+    model_config = SettingsConfigDict(env_prefix="NETVLAD_", env_file=".env", extra="ignore")
+
+    index_dir: Path = Field(Path("index"), description="Index folder (faiss index + catalog + manifest).")
+    model: str | None = Field(None, description="Model file or built-in name; must be the index's model "
+                              "(default: the model stored in the index folder).")
+    api_key: SecretStr | None = Field(None, description="When set, writes need header `X-API-Key: <key>`.")
+    allow_writes: bool = Field(True, description="Accept adding and deleting photos through the API.")
+    protect_reads: bool = Field(False, description="Also require the API key for searches and reads.")
+    max_upload_bytes: int = Field(20_000_000, gt=0, description="Largest accepted upload, per file.")
+    max_pixels: int = Field(50_000_000, gt=0, description="Largest accepted image (width × height).")
+    max_query_images: int = Field(16, gt=0, description="Most photos in one search request.")
+    max_top_k: int = Field(100, gt=0, description="Largest `top_k` a search may ask for.")
+    device: str | None = Field(None, description="torch device for the model (cpu, cuda, cuda:1, …; "
+                               "default: cuda when available).")
+    micro_batching: bool = Field(True, description="Let concurrent searches share forward passes.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a search waits for others to share its forward pass.")
+    max_batch: int = Field(32, gt=0, description="Most photos in one forward pass.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        """`NETVLAD_API_KEY=` (empty, as compose passes an unset variable) means no key."""
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
