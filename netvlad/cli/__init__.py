@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 import typer
 
 from netvlad.cli.app import app
-from netvlad.cli import data_commands, eval_commands, model_commands  # noqa: F401  (they register their commands)
+from netvlad.cli import data_commands, eval_commands, index_commands, model_commands  # noqa: F401  (they register their commands)
 from netvlad.errors import NetVLADError
 
 __all__ = ["app", "main"]
