@@ -42,7 +42,7 @@ from netvlad.exif import PhotoInfo, read_photo_info
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.model import NetVLADModel
 from netvlad.modelfile import load_model, model_fingerprint, save_model
-from netvlad.search import FUSION_ALPHA, Hit, SearchResult, estimate_location, fuse_scores
+from netvlad.search import FUSION_ALPHA, FUSIONS, Hit, SearchResult, estimate_location, fuse_scores
 from netvlad.vectorindex import (
     IndexSpec,
     VectorIndex,
@@ -189,6 +189,7 @@ class Index:
         self.amp = amp
         self.max_pixels = DEFAULT_MAX_PIXELS
         self._manifest = manifest
+        self._persisted = json.dumps(manifest, sort_keys=True)  # the manifest as on disk
         self._lock = _ReadWriteLock()
         self._lock_handle = lock_handle
         self.vectors: VectorIndex | None = None
@@ -205,9 +206,9 @@ class Index:
             raise IndexStoreError(f"{directory}: already an index folder")
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise IndexStoreError(f"{directory}: exists and is not an empty folder")
-        if index_type != AUTO:
-            IndexSpec.parse(index_type)
         net = cls._load_model(model, device)
+        if index_type != AUTO:
+            needs_training(IndexSpec.parse(index_type), net.dim)  # refuses a type faiss cannot build
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
@@ -242,6 +243,7 @@ class Index:
         directory = Path(directory)
         manifest = read_manifest(directory)
         lock_handle = cls._acquire_lock(directory) if writable else None
+        catalog = None
         try:
             net = cls._load_model(directory / MODEL if model is None else model, device)
             summary = _model_summary(net)
@@ -257,6 +259,8 @@ class Index:
             index = cls(directory, net, manifest, catalog, writable, lock_handle, amp)
             index._load_vectors()
         except BaseException:
+            if catalog is not None:
+                catalog.close()
             if lock_handle is not None:
                 lock_handle.close()
             raise
@@ -273,7 +277,11 @@ class Index:
         index = cls.open(directory, model, writable=True, device=device, amp=amp)
         if index_type is not None and index_type != index.requested_type:
             if index_type != AUTO:
-                IndexSpec.parse(index_type)
+                try:
+                    needs_training(IndexSpec.parse(index_type), index.dim)
+                except IndexStoreError:
+                    index.close()
+                    raise
             index._manifest["index"]["requested"] = index_type  # applied and saved by `checkpoint`
         return index
 
@@ -351,16 +359,20 @@ class Index:
             if self.writable:
                 self._save()
 
-    def _sync(self, retype: bool) -> None:
+    def _sync(self, retype: bool) -> bool:
         """Make the faiss index hold exactly the catalog's indexed descriptors; with `retype`,
-        rebuild it first when the collection size calls for another index type."""
+        rebuild it first when the collection size calls for another index type. Returns whether
+        the faiss index changed."""
         ids = self.catalog.indexed_ids()
         if self.vectors is None or (retype and self.vectors.spec != self._desired_spec(len(ids))):
             self._rebuild(ids, self._desired_spec(len(ids)))
-            return
+            return True
         held = self.vectors.ids()
-        self._drop(np.setdiff1d(held, ids, assume_unique=True))
-        self._fill(self.vectors, np.setdiff1d(ids, self.vectors.ids(), assume_unique=True))
+        extra = np.setdiff1d(held, ids, assume_unique=True)
+        missing = np.setdiff1d(ids, held, assume_unique=True)
+        self._drop(extra)
+        self._fill(self.vectors, missing)
+        return bool(len(extra) or len(missing))
 
     def _fill(self, vectors: VectorIndex, ids: np.ndarray) -> None:
         for start in range(0, len(ids), CHUNK):
@@ -389,6 +401,7 @@ class Index:
         self._manifest["index"].update(self.vectors.spec.to_dict())
         _write_atomic(self.directory / MANIFEST, json.dumps(self._manifest, indent=1).encode())
         _fsync_dir(self.directory)
+        self._persisted = json.dumps(self._manifest, sort_keys=True)
         for old in self.directory.glob("vectors-*.faiss"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -399,11 +412,13 @@ class Index:
 
     def checkpoint(self) -> None:
         """Bring the faiss index up to date (changing its type when the size calls for it) and
-        save it with the manifest."""
+        save it with the manifest, unless the saved files are current already."""
         self._require_writable()
         with self._lock.write():
-            self._sync(retype=True)
-            self._save()
+            changed = self._sync(retype=True)
+            stale = self._manifest["revision"] != self.catalog.revision
+            if changed or stale or json.dumps(self._manifest, sort_keys=True) != self._persisted:
+                self._save()
 
     # ------------------------------------------------------------------------------ catalog writes
 
@@ -572,7 +587,8 @@ class Index:
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
             raise ValueError(f"query descriptors must have {self.dim} dims, got {q.shape[1]}")
-        fuse_scores(np.zeros((1, len(q))), fusion, alpha)  # validates fusion and alpha
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
         with self._lock.read():
             n = len(self.vectors)
             if n == 0 or k < 1:
@@ -582,7 +598,8 @@ class Index:
             scores, ids = self.vectors.search(q, min(n, max(4 * k, 50)) if rescore else k)
             if rescore:
                 candidates = np.unique(ids[ids >= 0])
-                sims = self.catalog.descriptors(candidates, self.dim) @ q.T
+                # torch, not numpy: one thread pool for small products (see vectorindex.SMALL_BATCH)
+                sims = (torch.from_numpy(self.catalog.descriptors(candidates, self.dim)) @ torch.from_numpy(q).T).numpy()
             else:
                 keep = ids[0] >= 0
                 candidates, sims = ids[0][keep], scores[0][keep, None]

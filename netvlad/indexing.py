@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from netvlad.errors import ImageError
 from netvlad.exif import read_photo_info
 from netvlad.imageio import PHOTO_SUFFIXES, load_image
 from netvlad.index import Index
@@ -89,39 +90,51 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _probe(rel: str, path: Path, known: dict, report: IndexingReport) -> tuple | None:
+    """What to record for one walked file: ("file", rel, stat, sha, info) when new or changed,
+    ("unreadable", rel, reason) when it cannot be read, None when unchanged."""
+    try:
+        stat = path.stat()
+        old = known.get(rel)
+        if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            report.unchanged += 1
+            return None
+        sha = _sha256(path)
+    except OSError as exc:
+        return "unreadable", rel, f"{rel}: unreadable ({exc.strerror or exc})"
+    if rel in known:
+        report.changed += 1
+    else:
+        report.new += 1
+    return "file", rel, stat, sha, read_photo_info(path)
+
+
 def scan_folder(index: Index, root: Path, prune: bool, report: IndexingReport, progress: bool) -> None:
-    """Record new and changed photos of `root` in the catalog (step 1); fills `report`."""
+    """Record new and changed photos of `root` in the catalog (step 1); fills `report`. Files are
+    read outside the writer lock and recorded SCAN_CHUNK at a time, one transaction each."""
     known = index.catalog.files("folder")
     seen: set[str] = set()
-    walk = walk_photos(root, exclude=(index.directory,))
-    bar = tqdm(desc="scan", unit="file", disable=not progress, leave=False)
-    done = False
-    while not done:
+    chunk: list[tuple] = []
+
+    def flush() -> None:
         with index.writing() as catalog:
-            for _ in range(SCAN_CHUNK):
-                entry = next(walk, None)
-                if entry is None:
-                    done = True
-                    break
-                rel, path = entry
-                seen.add(rel)
-                bar.update()
-                try:
-                    stat = path.stat()
-                    old = known.get(rel)
-                    if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
-                        report.unchanged += 1
-                        continue
-                    sha = _sha256(path)
-                except OSError as exc:
-                    catalog.record_unreadable(rel, "folder", 0, 0, f"{rel}: unreadable ({exc.strerror or exc})")
-                    continue
-                catalog.record_file(rel, "folder", stat.st_size, stat.st_mtime_ns, sha, read_photo_info(path))
-                if rel in known:
-                    report.changed += 1
+            for entry in chunk:
+                if entry[0] == "unreadable":
+                    catalog.record_unreadable(entry[1], "folder", 0, 0, entry[2])
                 else:
-                    report.new += 1
-    bar.close()
+                    _, rel, stat, sha, info = entry
+                    catalog.record_file(rel, "folder", stat.st_size, stat.st_mtime_ns, sha, info)
+        chunk.clear()
+
+    for rel, path in tqdm(walk_photos(root, exclude=(index.directory,)), desc="scan", unit="file",
+                          disable=not progress, leave=False):
+        seen.add(rel)
+        entry = _probe(rel, path, known, report)
+        if entry is not None:
+            chunk.append(entry)
+        if len(chunk) >= SCAN_CHUNK:
+            flush()
+    flush()
     report.files = len(seen)
     gone = sorted(set(known) - seen) if prune else []
     index.forget(gone)
@@ -144,9 +157,10 @@ class PhotoDataset(Dataset):
         image_id, path = self.items[i]
         try:
             return image_id, self.preprocess(load_image(path, self.max_pixels)), None
-        except Exception as exc:  # ImageError, or a decoder bug on one odd file: skip it, keep going
-            reason = str(exc) if exc.__class__.__module__.startswith("netvlad") else f"{path}: {type(exc).__name__}: {exc}"
-            return image_id, None, reason
+        except ImageError as exc:
+            return image_id, None, str(exc)
+        except Exception as exc:  # a decoder bug on one odd file must not stop a long run
+            return image_id, None, f"{path}: {type(exc).__name__}: {exc}"
 
 
 def collate_photos(samples: list) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, str]]]:
@@ -202,6 +216,7 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
     bar = tqdm(total=len(items), desc="describe", unit="img", disable=not progress, smoothing=0.05)
     last_checkpoint = time.monotonic()
     for batches, failures in loader:
+        bar.update(sum(len(ids) for ids, _ in batches) + len(failures))
         for ids, images in batches:
             try:
                 descriptors = model.describe(images.to(device, non_blocking=True), batch_size=len(ids), amp=index.amp)
@@ -213,7 +228,6 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
         if failures:
             index.mark_failed(failures)
             report.failed += len(failures)
-        bar.update(sum(len(ids) for ids, _ in batches) + len(failures))
         if time.monotonic() - last_checkpoint > checkpoint_every:
             index.checkpoint()
             last_checkpoint = time.monotonic()

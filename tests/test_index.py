@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 import netvlad
-import netvlad.cli.index_commands  # noqa: F401  (registers `index` and `search`)
 from netvlad.cli import main
 from netvlad.errors import ImageError, IndexStoreError
 from netvlad.index import MANIFEST, Index, read_manifest
@@ -131,8 +130,10 @@ def test_folder_run_indexes_each_content_once_and_reports_bad_files(indexed):
 
 def test_second_run_on_an_unchanged_folder_describes_nothing(indexed, photo_folder):
     directory, _ = indexed
+    saved = read_manifest(directory)
     with Index.open(directory, writable=True) as index:
         report = index_folder(index, photo_folder, workers=0, progress=False)
+    assert read_manifest(directory) == saved  # nothing changed: the faiss file is not rewritten
     assert (report.described, report.failed, report.new, report.changed) == (0, 0, 0, 0)
     assert report.unchanged == 12 and report.images == N_PHOTOS  # the broken link is re-checked each run
 
@@ -271,7 +272,7 @@ def unit(n: int, dim: int, seed: int) -> np.ndarray:
 def test_automatic_index_types():
     assert choose_spec(FLAT_LIMIT - 1, 4096) == IndexSpec("Flat", "ip", "")
     big = choose_spec(1_000_000, 4096)
-    assert big.factory == "PCAR256,IVF4096,PQ64x4fs" and big.metric == "l2" and big.params == "nprobe=256"
+    assert big.factory == "PCAR256,IVF4096,PQ64x4fs" and big.metric == "l2" and big.params == "nprobe=512"
     assert choose_spec(100_000, 128).factory == "IVF1024,PQ32x4fs"
     assert IndexSpec.parse("IDMap2,HNSW32") == IndexSpec("HNSW32", "ip", "efSearch=128")
 

@@ -21,7 +21,7 @@ from tests.service_support import small_model
 
 CROPS_PER_PHOTO = 4
 SOURCES = 10
-CLI = [sys.executable, "-c", "import netvlad.cli.index_commands; from netvlad.cli import main; main()"]
+CLI = [sys.executable, "-m", "netvlad"]
 
 
 @pytest.fixture(scope="module")
