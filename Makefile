@@ -32,9 +32,7 @@ test-fast: install photos
 	NETVLAD_PHOTOS=$(PHOTOS) $(PY) -m pytest -m "not slow"
 
 demo: install photos
-	@$(VENV)/bin/netvlad demo --help >/dev/null 2>&1 \
-		&& $(VENV)/bin/netvlad demo \
-		|| echo "make demo: the web demo is coming (service issue); meanwhile try: $(VENV)/bin/netvlad describe $(PHOTOS)/*.jpg --model default"
+	$(VENV)/bin/netvlad demo
 
 bench: install
 	$(PY) benchmarks/netvlad_layer.py --case small

@@ -3,11 +3,14 @@
     >>> import netvlad
     >>> model = netvlad.load_model("default")          # or a model file
     >>> descriptors = model.describe(["a.jpg", "b.jpg"])  # (2, model.dim) float32, unit norm
+    >>> index = netvlad.Index.open("my-index")           # made by `netvlad index PHOTOS --index my-index`
+    >>> hits = index.search(["query.jpg"], k=5)           # one list of hits per query group
 """
 
 from netvlad.checkpoints import import_checkpoint
 from netvlad.errors import DatasetError, ImageError, IndexStoreError, ModelFileError, NetVLADError
 from netvlad.imageio import load_image
+from netvlad.index import Index
 from netvlad.initialization import init_model
 from netvlad.model import ModelConfig, NetVLADModel, build_model
 from netvlad.modelfile import load_model, model_fingerprint, save_model
@@ -17,7 +20,7 @@ from netvlad.whitening import PCAWhitening
 __version__ = "0.1.0"
 
 __all__ = [
-    "DatasetError", "ImageError", "IndexStoreError", "ModelFileError", "NetVLADError",
+    "DatasetError", "ImageError", "Index", "IndexStoreError", "ModelFileError", "NetVLADError",
     "ModelConfig", "NetVLAD", "NetVLADModel", "PCAWhitening",
     "build_model", "import_checkpoint", "init_model", "load_image", "load_model", "model_fingerprint", "save_model",
 ]

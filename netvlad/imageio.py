@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -86,22 +87,41 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def find_photos(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted list of photo files.
+def walk_photos(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of each photo file under `root`, in sorted order.
 
-    Folders are walked recursively (symlinked folders are not followed); hidden files and folders
-    are skipped; files given explicitly are kept whatever their suffix.
+    Hidden files and folders (name starting with ".") and folders in `exclude` are skipped;
+    symbolic links to folders are followed once per real folder (no loops); links to files are
+    yielded like files (broken ones too: reading them reports the error).
+    """
+    root = Path(root)
+    visited = {os.path.realpath(root)}
+    excluded = {os.path.realpath(p) for p in exclude}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if name.startswith(".") or real in visited or real in excluded:
+                continue
+            visited.add(real)
+            keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in PHOTO_SUFFIXES:
+                continue
+            path = Path(dirpath) / name
+            yield path.relative_to(root).as_posix(), path
+
+
+def find_photos(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a list of photo files (folders walked by `walk_photos`).
+
+    Files given explicitly are kept whatever their suffix; a missing path is an `ImageError`.
     """
     found: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            for root, dirs, files in os.walk(entry):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(
-                    Path(root) / name
-                    for name in sorted(files)
-                    if not name.startswith(".") and Path(name).suffix.lower() in PHOTO_SUFFIXES
-                )
+            found.extend(path for _, path in walk_photos(entry))
         elif entry.exists():
             found.append(entry)
         else:

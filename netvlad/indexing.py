@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from netvlad.errors import ImageError
 from netvlad.exif import read_photo_info
-from netvlad.imageio import PHOTO_SUFFIXES, load_image
+from netvlad.imageio import load_image, walk_photos
 from netvlad.index import Index
 from netvlad.transforms import Preprocess
 
@@ -57,32 +56,6 @@ class IndexingReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def walk_photos(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, Path]]:
-    """(relative POSIX path, path) of each photo file under `root`, in sorted order.
-
-    Hidden files and folders (name starting with ".") and folders in `exclude` are skipped;
-    symbolic links to folders are followed once per real folder (no loops); links to files are
-    yielded like files (broken ones too: reading them reports the error).
-    """
-    root = Path(root)
-    visited = {os.path.realpath(root)}
-    excluded = {os.path.realpath(p) for p in exclude}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        keep = []
-        for name in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, name))
-            if name.startswith(".") or real in visited or real in excluded:
-                continue
-            visited.add(real)
-            keep.append(name)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in PHOTO_SUFFIXES:
-                continue
-            path = Path(dirpath) / name
-            yield path.relative_to(root).as_posix(), path
 
 
 def _sha256(path: Path) -> str:

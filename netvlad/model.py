@@ -121,15 +121,17 @@ class NetVLADModel(nn.Module):
         progress: bool = False,
         amp: bool | None = None,
     ) -> np.ndarray:
-        """Descriptors (N, dim) float32 of photos, or of a preprocessed (N, 3, H, W) tensor.
+        """Descriptors (N, dim) float32 of photos, of a preprocessed (N, 3, H, W) tensor or of a
+        list of preprocessed (3, H, W) tensors.
 
         Photos of different sizes are grouped by shape into batches; the order of the output
         rows matches the input. `amp` (default: on CUDA) runs the network in bfloat16 autocast.
         """
         was_training = self.training
         self.eval()
-        tensors = list(images) if isinstance(images, torch.Tensor) else None
-        if tensors is None:
+        if isinstance(images, torch.Tensor) or all(isinstance(image, torch.Tensor) for image in images):
+            tensors = list(images)
+        else:
             tensors = self.load_tensors(tqdm(images, desc="decode", disable=not progress, leave=False))
         out = np.zeros((len(tensors), self.dim), dtype=np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}

@@ -48,8 +48,13 @@ class Preprocess:
         return tuple(self.size) if self.size else resized_shape(width, height, self.max_side)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(image))
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """RGB `PIL.Image` → uint8 (3, H, W) at the network's input size. Pillow does the work (no
+        torch compute), so servers can run it on any thread and `normalize` on the inference one."""
         image = TF.resize(image, list(self.output_shape(image.width, image.height)), antialias=True)
-        return self.normalize(TF.pil_to_tensor(image))
+        return TF.pil_to_tensor(image)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (…, 3, H, W) → normalised float32 (…, 3, H, W) according to the input mode."""

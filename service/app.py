@@ -7,20 +7,22 @@ shutdown saves the faiss index (a cache of the catalog, which is already durable
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 
 import netvlad
 from netvlad.errors import ImageError, IndexStoreError
 from netvlad.index import Index
-from service.batcher import MicroBatcher, describe_tensors
+from service.batcher import MicroBatcher
 from service.deps import ServiceState
 from service.metrics import Metrics, RequestMetrics
 from service.routers import images, search, status
@@ -48,21 +50,25 @@ def open_index(settings: Settings) -> Index:
     return index
 
 
-def load_state(settings: Settings, metrics: Metrics) -> ServiceState:
-    """Open index and model and build the batcher (blocking: model loading takes seconds)."""
+def load_state(settings: Settings, metrics: Metrics, compute: ThreadPoolExecutor) -> ServiceState:
+    """Open index and model and build the batcher (blocking, run on `compute`: loading takes seconds)."""
     index = open_index(settings)
     model = index.model
-    config = model.config
+
+    def describe(pixels: list[torch.Tensor]) -> np.ndarray:  # uint8 (3, H, W) photos, from `_prepare`
+        return model.describe([model.preprocess.normalize(p) for p in pixels], batch_size=settings.max_batch)
+
+    batching = model.device.type == "cuda" if settings.micro_batching is None else settings.micro_batching
     batcher = MicroBatcher(
-        partial(describe_tensors, model, batch_size=settings.max_batch),
-        max_wait_s=settings.batch_wait_ms / 1000, max_batch=settings.max_batch,
-        enabled=settings.micro_batching, observe=metrics.observe_batch,
+        describe, max_wait_s=settings.batch_wait_ms / 1000, max_batch=settings.max_batch,
+        enabled=batching, observe=metrics.observe_batch, executor=compute,
     )
     metrics.track_index_size(lambda: len(index))
+    config = model.config
     name = f"{config.backbone} K={config.clusters}"
-    log.info("serving %s (%d images) with %s, %d-d, on %s", settings.index_dir, len(index), name, model.dim,
-             model.device)
-    return ServiceState(settings=settings, index=index, model_name=name, batcher=batcher)
+    log.info("serving %s (%d images) with %s, %d-d, on %s, micro-batching %s", settings.index_dir, len(index),
+             name, model.dim, model.device, "on" if batching else "off")
+    return ServiceState(settings=settings, index=index, model_name=name, batcher=batcher, compute=compute)
 
 
 def close_state(state: ServiceState) -> None:
@@ -94,15 +100,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await run_in_threadpool(load_state, settings, metrics)
-        await state.batcher.start()
-        app.state.service = state
+        compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netvlad-compute")
         try:
-            yield
+            state = await asyncio.get_running_loop().run_in_executor(compute, load_state, settings, metrics, compute)
+            await state.batcher.start()
+            app.state.service = state
+            try:
+                yield
+            finally:
+                app.state.service = None
+                await state.batcher.close()
+                await state.run(close_state, state)
         finally:
-            app.state.service = None
-            await state.batcher.close()
-            await run_in_threadpool(close_state, state)
+            compute.shutdown(wait=True)
 
     app = FastAPI(
         title="netvlad",

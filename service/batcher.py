@@ -3,9 +3,9 @@
 Each request hands over its photos (or the awaitable that decodes them) and awaits their
 descriptors. A single consumer task takes the first waiting request and, while other requests
 are still decoding, waits up to `max_wait_s` for them to join (not at all when nobody else is
-coming, so a lone request pays no wait); then it runs one `describe` call for the batch in a
-worker thread, so the event loop keeps serving. While a pass runs, new requests queue up and form
-the next batch, so batches grow with load and throughput rises with it.
+coming, so a lone request pays no wait); then it runs one `describe` call for the batch on the
+compute thread (a one-thread executor), so the event loop keeps serving. While a pass runs, new
+requests queue up and form the next batch, so batches grow with load and throughput rises with it.
 """
 
 from __future__ import annotations
@@ -13,26 +13,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from netvlad.model import NetVLADModel
-
-
-def describe_tensors(model: NetVLADModel, tensors: Sequence[torch.Tensor], batch_size: int = 32) -> np.ndarray:
-    """Descriptors (N, dim) float32 of preprocessed (3, H, W) tensors; same-shape ones share forward
-    passes of up to `batch_size` photos."""
-    out = np.empty((len(tensors), model.dim), dtype=np.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault(tuple(tensor.shape), []).append(i)
-    for indices in groups.values():
-        out[indices] = model.describe(torch.stack([tensors[i] for i in indices]), batch_size=batch_size)
-    return out
 
 
 @dataclass
@@ -44,10 +30,11 @@ class _Job:
 class MicroBatcher:
     """`await batcher.describe(photos)` → (len(photos), dim) descriptors.
 
-    `describe(photos)` is the blocking work, run in the worker thread; `max_batch` photos or more
-    end the gathering of a batch; `enabled=False` gives each request its own forward pass (same
-    worker thread), for comparison; `observe(photos, seconds)` is called after every pass with
-    its size and duration (in the worker, queueing excluded).
+    `describe(photos)` is the blocking work, run on `executor` (default: a one-thread executor
+    of the batcher's own); `max_batch` photos or more end the gathering of a batch;
+    `enabled=False` gives each request its own forward pass (same thread), for comparison;
+    `observe(photos, seconds)` is called after every pass with its size and duration (on the
+    compute thread, queueing excluded).
     """
 
     def __init__(
@@ -57,6 +44,7 @@ class MicroBatcher:
         max_batch: int = 32,
         enabled: bool = True,
         observe: Callable[[int, float], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ):
         self._describe = describe
         self.max_wait_s = max_wait_s
@@ -67,7 +55,8 @@ class MicroBatcher:
         self._changed: asyncio.Event | None = None
         self._coming = 0  # requests still preparing their photos
         self._consumer: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netvlad-inference")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="netvlad-inference")
 
     async def start(self) -> None:
         """Start the consumer task on the running event loop."""
@@ -88,7 +77,8 @@ class MicroBatcher:
             job = self._queue.get_nowait()
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the service is shutting down"))
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def describe(self, photos: list[torch.Tensor] | Awaitable[list[torch.Tensor]]) -> np.ndarray:
         """Descriptors (len(photos), dim) of preprocessed (3, H, W) photos. `photos` may be an

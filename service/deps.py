@@ -7,9 +7,12 @@ need header ``X-API-Key: <key>``; reads (search, image records and files) stay o
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
@@ -17,6 +20,8 @@ from fastapi.security import APIKeyHeader
 from netvlad.index import Index
 from service.batcher import MicroBatcher
 from service.settings import Settings
+
+T = TypeVar("T")
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False,
@@ -26,12 +31,22 @@ api_key_header = APIKeyHeader(
 
 @dataclass
 class ServiceState:
-    """What the lifespan loads once and every request shares."""
+    """What the lifespan loads once and every request shares.
+
+    `compute` is the one thread that runs all torch and faiss work (model loading, forward
+    passes, index search and add): torch's OpenMP pool is per calling thread, and a second
+    live pool on a small machine makes every pass slower (its spinning threads are throttled).
+    """
 
     settings: Settings
     index: Index  # with its model, `index.model`
     model_name: str
     batcher: MicroBatcher
+    compute: ThreadPoolExecutor
+
+    async def run(self, function: Callable[..., T], *args) -> T:
+        """`function(*args)` on the compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, gt=0, description="Largest `top_k` a search may ask for.")
     device: str | None = Field(None, description="torch device for the model (cpu, cuda, cuda:1, …; "
                                "default: cuda when available).")
-    micro_batching: bool = Field(True, description="Let concurrent searches share forward passes.")
+    micro_batching: bool | None = Field(None, description="Let concurrent searches share forward passes "
+                                        "(default: on with CUDA; off on CPU, where one photo already keeps "
+                                        "every core busy and bigger passes were measured slower).")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a search waits for others to share its forward pass.")
     max_batch: int = Field(32, gt=0, description="Most photos in one forward pass.")
 

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import netvlad
 from netvlad.index import Index
@@ -27,6 +28,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory, photos: list[Path]) ->
     """Path of the run's small model file, built on first use."""
     path = tmp_path_factory.getbasetemp() / "service-model" / "model.pt"
     if not path.exists():
+        torch.manual_seed(0)  # the same model, hence the same rankings, on every run
         model = netvlad.build_model("resnet18-layer3", 16, input_mode="grey", max_side=256)
         netvlad.init_model(model, photos[:INDEXED], per_image=100)
         netvlad.save_model(model, path)

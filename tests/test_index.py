@@ -22,7 +22,8 @@ import netvlad
 from netvlad.cli import main
 from netvlad.errors import ImageError, IndexStoreError
 from netvlad.index import MANIFEST, Index, read_manifest
-from netvlad.indexing import index_folder, walk_photos
+from netvlad.imageio import walk_photos
+from netvlad.indexing import index_folder
 from netvlad.vectorindex import FLAT_LIMIT, IndexSpec, VectorIndex, choose_spec
 from tests.service_support import small_model
 

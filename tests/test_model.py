@@ -80,6 +80,10 @@ def test_describe_mixed_sizes_keeps_order_and_matches_forward():
     with torch.no_grad():
         one_by_one = np.stack([model(model.preprocess(p)[None])[0].numpy() for p in photos])
     assert np.allclose(descriptors, one_by_one, atol=1e-5)
+    # a list of preprocessed tensors (as the service makes them: resize, then normalize) is the same
+    tensors = [model.preprocess.normalize(model.preprocess.resize(p)) for p in photos]
+    assert all(t.dtype == torch.float32 for t in tensors)
+    assert np.allclose(model.describe(tensors, batch_size=2), descriptors, atol=1e-6)
 
 
 def test_preprocess_resize_policy_and_grey_standardisation():

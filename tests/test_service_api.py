@@ -35,6 +35,7 @@ def server_env(index_dir):
         "NETVLAD_INDEX_DIR": index_dir, "NETVLAD_API_KEY": KEY, "NETVLAD_DEVICE": "cpu",
         "NETVLAD_MAX_UPLOAD_BYTES": MAX_UPLOAD, "NETVLAD_MAX_PIXELS": MAX_PIXELS,
         "NETVLAD_MAX_QUERY_IMAGES": MAX_IMAGES, "NETVLAD_MAX_TOP_K": MAX_TOP_K,
+        "NETVLAD_MICRO_BATCHING": "true",  # off by default on CPU
     }
 
 

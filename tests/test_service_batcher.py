@@ -1,5 +1,6 @@
 """MicroBatcher: concurrent requests share forward passes, a lone request does not wait, results
-go back to the right request, and errors reach every request of the failed batch."""
+go back to the right request, and errors reach every request of the failed batch; in the service,
+every forward pass runs on its one compute thread."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
-import netvlad
-from service.batcher import MicroBatcher, describe_tensors
-from service_support import small_model
+from service.app import create_app
+from service.batcher import MicroBatcher
+from service.settings import Settings
+from service_support import INDEXED, small_index
 
 
 class Recorder:
@@ -125,12 +128,23 @@ def test_an_error_reaches_every_request_of_its_batch_only():
     assert recorder.batches == [1, 3, 1]
 
 
-def test_describe_tensors_equals_describing_each_photo_alone(tmp_path_factory, real_photos):
-    model = netvlad.load_model(small_model(tmp_path_factory, real_photos), device="cpu")
-    tensors = [model.preprocess(netvlad.load_image(p)) for p in real_photos[:6]]
-    assert len({t.shape for t in tensors}) > 1  # several shapes: several groups
-    together = describe_tensors(model, tensors, batch_size=4)
-    alone = np.concatenate([model.describe(t[None]) for t in tensors])
-    np.testing.assert_allclose(together, alone, atol=1e-5)
+def test_an_empty_request_is_refused():
     with pytest.raises(ValueError):
         asyncio.run(with_batcher(Recorder(), lambda b: b.describe([])))
+
+
+def test_the_service_runs_every_forward_pass_and_search_on_one_compute_thread(tmp_path_factory, real_photos):
+    """torch's OpenMP pool is per calling thread: loading, searching and adding must all use one."""
+    app = create_app(Settings(_env_file=None, index_dir=small_index(tmp_path_factory, real_photos, "compute"),
+                              device="cpu"))
+    threads: set[str] = set()
+    with TestClient(app) as client:
+        model = app.state.service.index.model
+        model.register_forward_pre_hook(lambda module, args: threads.add(threading.current_thread().name))
+        query = ("images", (real_photos[0].name, real_photos[0].read_bytes(), "image/jpeg"))
+        found = client.post("/v1/search", files=[query], data={"top_k": "3"})
+        assert found.status_code == 200 and found.json()["results"][0]["path"].endswith(real_photos[0].name)
+        spare = real_photos[INDEXED]
+        added = client.post("/v1/images", files=[("image", (spare.name, spare.read_bytes(), "image/jpeg"))])
+        assert added.status_code == 201, added.text
+    assert threads == {"netvlad-compute_0"}

@@ -95,7 +95,7 @@ async def add_image(
     in the catalog and the index, and survives a restart. The same content added twice keeps one id."""
     meta = _metadata(name, lat, lon, metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
-    record = await run_in_threadpool(_add, state, data, image.filename or "upload", meta)
+    record = await state.run(_add, state, data, image.filename or "upload", meta)
     response.headers["Location"] = str(request.url_for("get_image", image_id=record.id).path)
     return image_out(request, record)
 
@@ -125,5 +125,5 @@ async def delete_image(state: State, image_id: ImageId) -> Response:
     """Remove an image from the collection (an uploaded file is deleted; a photo of the indexed
     folder stays on disk and is not added back by later `netvlad index` runs)."""
     await run_in_threadpool(_record, state, image_id)
-    await run_in_threadpool(state.index.remove, [image_id])
+    await state.run(state.index.remove, [image_id])
     return Response(status_code=204)

@@ -26,13 +26,13 @@ ERRORS = {
 
 
 def _prepare(state: ServiceState, uploads: list[tuple[str, bytes]]) -> list[torch.Tensor]:
-    """Decode and preprocess query photos → (3, H, W) tensors (worker thread)."""
+    """Decode and resize query photos → uint8 (3, H, W) tensors (Pillow only: any worker thread)."""
     preprocess = state.index.model.preprocess
-    return [preprocess(decode_upload(data, name, state.settings.max_pixels)) for name, data in uploads]
+    return [preprocess.resize(decode_upload(data, name, state.settings.max_pixels)) for name, data in uploads]
 
 
 def _rank(state: ServiceState, descriptors: np.ndarray, top_k: int, fusion: str):
-    """Search the index and fetch the hits' catalog records (worker thread)."""
+    """Search the index and fetch the hits' catalog records (compute thread)."""
     found = state.index.search_descriptors(descriptors, top_k, fusion)
     return found, state.index.catalog.records([hit.id for hit in found.hits], state.index.resolve)
 
@@ -58,7 +58,7 @@ async def search(
         for i, upload in enumerate(images)
     ]
     descriptors: np.ndarray = await state.batcher.describe(run_in_threadpool(_prepare, state, uploads))
-    found, records = await run_in_threadpool(_rank, state, descriptors, top_k, fusion.value)
+    found, records = await state.run(_rank, state, descriptors, top_k, fusion.value)
     results = []
     for rank, hit in enumerate(found.hits, start=1):
         record = records.get(hit.id)
