@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a search waits for others to share its forward pass.")
     max_batch: int = Field(32, gt=0, description="Most photos in one forward pass.")
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "model", "device", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
-        """`NETVLAD_API_KEY=` (empty, as compose passes an unset variable) means no key."""
+    def _empty_is_none(cls, value: object) -> object:
+        """`NETVLAD_API_KEY=` (empty, as compose passes an unset variable) means no key; the same
+        for the model (the index's own) and the device (cuda when available)."""
         return None if value is None or (isinstance(value, str) and not value.strip()) else value

@@ -141,6 +141,15 @@ def test_load_csv_dataset(csv_dataset: Path):
     np.testing.assert_array_equal(ds.potential_positives()[0], [0, 1])
 
 
+def test_radii_can_be_chosen_at_load_time(csv_dataset: Path):
+    ds = load_place_dataset(csv_dataset, pos_radius_m=6.0, nontrivial_radius_m=5.5)
+    np.testing.assert_array_equal(ds.positives()[0], [0])  # 5 m in, ~6.7 m out
+    np.testing.assert_array_equal(ds.potential_positives()[0], [0])
+    assert len(load_place_dataset(csv_dataset, pos_radius_m=500.0).positives()[1]) == 4  # db 3 is 360 m away
+    with pytest.raises(DatasetError, match="at most the positive radius"):
+        load_place_dataset(csv_dataset, pos_radius_m=5.0)  # below the 10 m training radius
+
+
 def test_save_then_load_round_trip(csv_dataset: Path):
     ds = load_place_dataset(csv_dataset)
     (csv_dataset / "database.csv").unlink()

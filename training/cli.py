@@ -73,15 +73,18 @@ def train_command(
     train_blocks: Annotated[str, typer.Option(help="Backbone blocks to train, from the last: a number, 'all', or 'auto' (1 on CPU, all on CUDA).")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Image-loading worker processes.")] = _D.workers,
     val: Annotated[Optional[Path], typer.Option(help="Validation place dataset (default: the val/ split, else the training queries).")] = None,
+    pos_radius: Annotated[Optional[float], typer.Option("--pos-radius", min=0.0, help="Positive radius in metres: negatives lie beyond it, validation counts hits within it (default: the dataset's, 25 m).")] = None,
+    train_radius: Annotated[Optional[float], typer.Option("--train-radius", min=0.0, help="Radius in metres of the potential positives a triplet picks its positive from (default: the dataset's, 10 m).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     """Train a place-recognition model with hard-negative mining (triplet, soft-label or RSW loss)."""
     train_path, val_path = split_folders(dataset)
-    train_set = load_place_dataset(train_path)
+    radii = {"pos_radius_m": pos_radius, "nontrivial_radius_m": train_radius}
+    train_set = load_place_dataset(train_path, **radii)
     val_path = val if val is not None else val_path
-    val_set = load_place_dataset(val_path) if val_path is not None else None
+    val_set = load_place_dataset(val_path, **radii) if val_path is not None else None
     if resume:
         _check_resume_options(ctx, out)
         trainer = Trainer.resume(out, train_set, val_set, device=device, progress=progress,

@@ -45,8 +45,13 @@ def eval_command(
     per_query: Annotated[
         Optional[Path], typer.Option("--per-query", help="Write per-query results (rank of the first positive, top images) to this CSV.")
     ] = None,
+    pos_radius: Annotated[
+        Optional[float], typer.Option("--pos-radius", min=0.0, help="Positive radius in metres (default: the dataset's, 25 m).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
-    device: Annotated[str, typer.Option(help="Torch device for the networks: cpu, cuda, cuda:1, …")] = "cpu",
+    device: Annotated[
+        Optional[str], typer.Option(help="Torch device for the networks: cpu, cuda, cuda:1, … (default: cuda when available).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the baselines' random init and k-means.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
@@ -57,8 +62,11 @@ def eval_command(
     for name in baselines or []:
         if name not in BASELINES:
             raise typer.BadParameter(f"{name!r} is not one of: {', '.join(BASELINES)}", param_hint="--baseline")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
-    dataset = load_place_dataset(dataset_path, images_root=images_root, queries_root=queries_root)
+    dataset = load_place_dataset(dataset_path, images_root=images_root, queries_root=queries_root,
+                                 pos_radius_m=pos_radius,
+                                 nontrivial_radius_m=None if pos_radius is None else min(pos_radius, 10.0))
     model = load_model(model_path, device=device)
     describe_model = partial(model.describe, batch_size=batch_size, progress=progress)
 

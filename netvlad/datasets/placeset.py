@@ -101,23 +101,33 @@ def load_place_dataset(
     images_root: Path | None = None,
     queries_root: Path | None = None,
     check_images: bool = True,
+    pos_radius_m: float | None = None,
+    nontrivial_radius_m: float | None = None,
 ) -> PlaceDataset:
     """Load a place dataset folder (CSV) or a dbStruct .mat file.
 
     For a .mat file, database image paths are relative to `images_root` (default: the file's
     folder) and query paths to `queries_root` (default: `images_root`; Pittsburgh keeps its
-    queries in `<root>/queries_real`). With `check_images`, every image must exist.
+    queries in `<root>/queries_real`). With `check_images`, every image must exist. The radii
+    (metres) replace the dataset's own (25 m and 10 m unless a .mat file says otherwise).
     Raises DatasetError naming the file and row of the first problem."""
     path = Path(path)
     if path.is_dir():
         if images_root is not None or queries_root is not None:
             raise DatasetError(f"{path}: images_root/queries_root apply to .mat files only")
-        return _load_csv_dataset(path, check_images)
-    if path.suffix.lower() == ".mat":
-        return _load_mat_dataset(path, images_root, queries_root, check_images)
-    if path.exists():
+        dataset = _load_csv_dataset(path, check_images)
+    elif path.suffix.lower() == ".mat":
+        dataset = _load_mat_dataset(path, images_root, queries_root, check_images)
+    elif path.exists():
         raise DatasetError(f"{path}: expected a folder with {DATABASE_CSV} and {QUERIES_CSV}, or a .mat file")
-    raise DatasetError(f"{path}: no such place dataset")
+    else:
+        raise DatasetError(f"{path}: no such place dataset")
+    dataset.pos_radius_m = dataset.pos_radius_m if pos_radius_m is None else pos_radius_m
+    dataset.nontrivial_radius_m = dataset.nontrivial_radius_m if nontrivial_radius_m is None else nontrivial_radius_m
+    if not 0 < dataset.nontrivial_radius_m <= dataset.pos_radius_m:
+        raise DatasetError(f"{path}: the training-positive radius ({dataset.nontrivial_radius_m:g} m) must be positive "
+                           f"and at most the positive radius ({dataset.pos_radius_m:g} m)")
+    return dataset
 
 
 def save_place_dataset(dataset: PlaceDataset) -> None:
