@@ -12,11 +12,12 @@ import uvicorn
 
 import netvlad
 from netvlad.datasets.photos import collect_photos
+from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import ModelFileError, NetVLADError
 from netvlad.index import MANIFEST, Index, read_manifest
-from netvlad.indexing import index_folder
 from netvlad.model import NetVLADModel
 from service.app import create_app
+from service.demo import demo_placeset, fill_demo_index, lat_lon
 from service.settings import Settings
 
 DEMO_DIR = Path("demo")
@@ -27,11 +28,14 @@ def _run(settings: Settings, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
-def _banner(host: str, port: int, photo: Path | None) -> str:
+def _banner(host: str, port: int, query: tuple[Path, float, float] | None = None) -> str:
+    """Where to point a browser; with a demo query (photo, lat, lon), a curl line to try."""
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     lines = [f"netvlad: web page {url}/   API documentation {url}/docs"]
-    if photo is not None:
-        lines.append(f"  curl -F images=@{photo} -F top_k=5 {url}/v1/search")
+    if query is not None:
+        photo, lat, lon = query
+        lines += [f"  try a query photo (taken at {lat:.5f}, {lon:.5f}; more in {photo.parent.parent}/):",
+                  f"  curl -F images=@{photo} -F top_k=5 {url}/v1/search"]
     return "\n".join(lines)
 
 
@@ -53,19 +57,21 @@ def demo_model(photos: list[Path]) -> NetVLADModel:
         return model
 
 
-def build_demo(directory: Path, photos_dir: Path, model: Optional[str]) -> tuple[Path, list[Path]]:
-    """Collect the demo photos and bring the demo index up to date; returns (index folder, photos)."""
+def build_demo(directory: Path, photos_dir: Path, model: Optional[str]) -> tuple[Path, PlaceDataset]:
+    """Collect the demo photos, make their places and bring the demo index up to date; returns
+    (index folder, the demo's place dataset)."""
     photos = collect_photos(photos_dir)
+    places = demo_placeset(directory / "placeset", photos)
     index_dir = directory / "index"
     if (index_dir / MANIFEST).exists():
         index = Index.open(index_dir, model, writable=True)
     else:
         index = Index.create(index_dir, model or demo_model(photos))
     with index:
-        report = index_folder(index, photos_dir)
-    typer.echo(f"demo index {index_dir}: {report.images} photos ({report.described} described now, "
-               f"{report.unchanged} unchanged)")
-    return index_dir, photos
+        report = fill_demo_index(index, places)
+    typer.echo(f"demo index {index_dir}: {report.places} places made from {len(photos)} photos "
+               f"({report.described} described now)")
+    return index_dir, places
 
 
 def register(app: typer.Typer) -> None:
@@ -98,7 +104,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a demo collection from the approved real photos, index it, and serve it on localhost.
         A second run reuses the photos and the index."""
-        index_dir, collected = build_demo(directory, photos, model)
-        typer.echo(_banner(host, port, collected[0] if collected else None))
+        index_dir, places = build_demo(directory, photos, model)
+        (lat, lon), = lat_lon(places.q_utm[:1])
+        typer.echo(_banner(host, port, (places.q_paths()[0], lat, lon)))
         if serve:
             _run(Settings(index_dir=index_dir), host, port)
