@@ -25,6 +25,8 @@ FUSION_ALPHA = 50.0
 LOCATION_SCORE_ALPHA = 20.0
 #: Hits closer than about this many metres are blended by the location soft median.
 LOCATION_SCALE_M = 25.0
+#: Geodesics on the WGS84 ellipsoid (distances and azimuths for the location estimate).
+WGS84 = pyproj.Geod(ellps="WGS84")
 
 
 @dataclass
@@ -93,9 +95,10 @@ def estimate_location(
 ) -> Location | None:
     """Robust position of the hits (degrees, NaN where unknown) given their scores (k,).
 
-    Coordinates are projected to metres (azimuthal equidistant, centred on the best hit), the
-    weighted soft median taken with weights softargmax(scores) and sharpness 1/`scale_m`, and
-    the result projected back. None when no hit has coordinates.
+    Coordinates are mapped to metres around the best hit (azimuthal equidistant: geodesic
+    distance and azimuth on the WGS84 ellipsoid), the weighted soft median taken with weights
+    softargmax(scores) and sharpness 1/`scale_m`, and the result mapped back. None when no hit
+    has coordinates.
     """
     lat, lon, scores = (np.asarray(a, dtype=np.float64) for a in (lat, lon, scores))
     known = np.isfinite(lat) & np.isfinite(lon) & np.isfinite(scores)
@@ -103,12 +106,12 @@ def estimate_location(
         return None
     lat, lon, scores = lat[known], lon[known], scores[known]
     best = int(np.argmax(scores))
-    local = pyproj.CRS.from_proj4(f"+proj=aeqd +lat_0={lat[best]} +lon_0={lon[best]} +datum=WGS84 +units=m")
-    to_local = pyproj.Transformer.from_crs("EPSG:4326", local, always_xy=True)
-    east, north = to_local.transform(lon, lat)
-    points = torch.tensor(np.stack([east, north], axis=1))
+    centre_lon, centre_lat = np.full_like(lon, lon[best]), np.full_like(lat, lat[best])
+    azimuth, _, distance = WGS84.inv(centre_lon, centre_lat, lon, lat)
+    points = torch.tensor(np.stack([distance * np.sin(np.radians(azimuth)), distance * np.cos(np.radians(azimuth))], axis=1))
     weights = softargmax(torch.tensor(scores), dim=0, alpha=score_alpha)
     estimate = weighted_softmedian(points, weights, dim=0, alpha=1.0 / scale_m)
     spread = float((weights * (points - estimate).norm(dim=1)).sum())
-    est_lon, est_lat = to_local.transform(float(estimate[0]), float(estimate[1]), direction="INVERSE")
+    east, north = float(estimate[0]), float(estimate[1])
+    est_lon, est_lat, _ = WGS84.fwd(lon[best], lat[best], np.degrees(np.arctan2(east, north)), np.hypot(east, north))
     return Location(lat=float(est_lat), lon=float(est_lon), support=int(known.sum()), spread_m=spread)

@@ -136,7 +136,8 @@ def test_init_from_features_kmeans_and_alpha():
     assert alpha == pytest.approx(expected, rel=1e-3)
     # so the nearest centre gets ≈100× the second's weight on average (in log space)
     x = torch.from_numpy(features.T.copy()).view(1, 16, -1, 1)
-    logits = layer.conv(x).flatten(2)[0].T.sort(dim=1, descending=True).values
+    with torch.no_grad():
+        logits = layer.conv(x).flatten(2)[0].T.sort(dim=1, descending=True).values
     assert float((logits[:, 0] - logits[:, 1]).mean()) == pytest.approx(math.log(ASSIGNMENT_RATIO), rel=1e-3)
 
 
