@@ -89,6 +89,8 @@ class Info(BaseModel):
 
     model: str
     dim: int
+    device: str = Field(description="Where the model runs (cpu, cuda:0, …).")
+    micro_batching: bool = Field(description="Whether concurrent searches share forward passes.")
     count: int = Field(description="Indexed images.")
     fusion_modes: list[Fusion]
     default_fusion: Fusion

@@ -84,6 +84,7 @@ def test_health_ready_info_docs_and_page(client):
     info = client.get("/v1/info").json()
     assert info["dim"] == 16 * 256 and info["writes_need_key"] and not info["reads_need_key"]
     assert info["max_upload_bytes"] == MAX_UPLOAD and info["fusion_modes"][0] == "softmedian"
+    assert info["device"] == "cpu" and info["micro_batching"] is True
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/search", "/v1/images", "/v1/images/{image_id}", "/v1/images/{image_id}/file"} <= set(paths)

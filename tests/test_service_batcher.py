@@ -139,6 +139,7 @@ def test_the_service_runs_every_forward_pass_and_search_on_one_compute_thread(tm
                               device="cpu"))
     threads: set[str] = set()
     with TestClient(app) as client:
+        assert client.get("/v1/info").json()["micro_batching"] is False  # the default on CPU
         model = app.state.service.index.model
         model.register_forward_pre_hook(lambda module, args: threads.add(threading.current_thread().name))
         query = ("images", (real_photos[0].name, real_photos[0].read_bytes(), "image/jpeg"))

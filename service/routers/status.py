@@ -48,7 +48,8 @@ async def info(state: State) -> Info:
     settings = state.settings
     has_key = settings.api_key is not None
     return Info(
-        model=state.model_name, dim=state.index.dim, count=await run_in_threadpool(len, state.index),
+        model=state.model_name, dim=state.index.dim, device=str(state.index.model.device),
+        micro_batching=state.batcher.enabled, count=await run_in_threadpool(len, state.index),
         fusion_modes=list(FUSIONS), default_fusion=DEFAULT_FUSION,
         writes_allowed=settings.allow_writes and state.index.writable,
         writes_need_key=has_key, reads_need_key=has_key and settings.protect_reads,
