@@ -18,6 +18,7 @@ from netvlad.cli import app, main
 from netvlad.datasets.make_placeset import METADATA, PlacesetConfig, make_placeset
 from netvlad.datasets.placeset import load_place_dataset
 from netvlad.errors import DatasetError
+from photo_support import shrunk_copies
 
 SOURCES = ("sklearn-china.jpg", "sklearn-flower.jpg", "skimage-coffee.jpg", "skimage-astronaut.jpg")
 TINY = PlacesetConfig(crop_size=48, stride=16, out_size=(48, 36), queries_per_photo=12, min_detail=0.0)
@@ -26,16 +27,7 @@ TINY = PlacesetConfig(crop_size=48, stride=16, out_size=(48, 36), queries_per_ph
 @pytest.fixture(scope="module")
 def small_photos(real_photos: list[Path], tmp_path_factory) -> list[Path]:
     """Four real photos shrunk to a long side of 160 px."""
-    folder = tmp_path_factory.mktemp("sources")
-    by_name = {p.name: p for p in real_photos}
-    paths = []
-    for name in SOURCES:
-        with Image.open(by_name[name]) as image:
-            image = image.convert("RGB")
-            image.thumbnail((160, 160))
-            image.save(folder / name, quality=95)
-        paths.append(folder / name)
-    return paths
+    return shrunk_copies(real_photos, SOURCES, tmp_path_factory.mktemp("sources"), 160)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
 from netvlad.index import Index
 from netvlad.indexing import index_folder
 from netvlad.search import FUSIONS, estimate_location, fuse_scores
-from tests.service_support import small_model
+from photo_support import shrunk_copies
+from service_support import small_model
 
 SOURCES = ("sklearn-china.jpg", "sklearn-flower.jpg", "skimage-astronaut.jpg", "skimage-coffee.jpg",
            "skimage-rocket.jpg", "skimage-chelsea.jpg")
@@ -35,14 +36,7 @@ def exif_with_gps(lat: float, lon: float) -> Image.Exif:
 @pytest.fixture(scope="module")
 def place_set(real_photos, tmp_path_factory) -> PlaceDataset:
     folder = tmp_path_factory.mktemp("placeset")
-    by_name = {p.name: p for p in real_photos}
-    sources = []
-    for name in SOURCES:
-        with Image.open(by_name[name]) as image:
-            image = image.convert("RGB")
-            image.thumbnail((320, 320))
-            image.save(folder / name, quality=95)
-        sources.append(folder / name)
+    sources = shrunk_copies(real_photos, SOURCES, folder, 320)
     make_placeset(sources, folder / "set", CONFIG, progress=False)
     return load_place_dataset(folder / "set")
 
