@@ -8,6 +8,7 @@ model's job (`netvlad.transforms`).
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -33,9 +34,12 @@ def _describe(source: ImageSource) -> str:
     return "upload" if isinstance(source, (bytes, bytearray)) else "image"
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
     """Decode `source` (path, bytes, file object or PIL image) into an RGB `PIL.Image`.
 
+    `reduce_to`: the long side (pixels) the caller will shrink the photo to. JPEGs are then
+    decoded directly at the largest reduction (½, ¼ or ⅛, libjpeg's DCT scaling) that keeps the
+    long side at least that long: several times faster for camera photos, same content.
     Raises `ImageError` saying why when the file is missing, empty, truncated, not an image,
     or larger than `max_pixels` (width × height).
     """
@@ -66,6 +70,9 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                         f"{name}: {image.width}×{image.height} pixels is more than the limit of "
                         f"{max_pixels:,} pixels"
                     )
+                if reduce_to is not None and image.format == "JPEG" and max(image.size) >= 2 * reduce_to:
+                    scale = reduce_to / max(image.size)
+                    image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
         except ImageError:
             raise

@@ -499,14 +499,14 @@ class Index:
     def _prepare(self, item: str | os.PathLike | bytes) -> _Photo:
         if isinstance(item, (bytes, bytearray)):
             data = bytes(item)
-            image = load_image(data, self.max_pixels)
+            image = load_image(data, self.max_pixels, reduce_to=self.model.preprocess.reduce_to)
             info = read_photo_info(data)
             sha = hashlib.sha256(data).hexdigest()
             suffix = SUFFIXES.get(info.format or "", ".img")
             path = f"{UPLOADS}/{sha[:2]}/{sha}{suffix}"
             return _Photo(path, "upload", len(data), time.time_ns(), sha, info, image, data)
         source = Path(item).resolve()
-        image = load_image(source, self.max_pixels)
+        image = load_image(source, self.max_pixels, reduce_to=self.model.preprocess.reduce_to)
         stat = source.stat()
         with open(source, "rb") as handle:
             sha = hashlib.file_digest(handle, "sha256").hexdigest()

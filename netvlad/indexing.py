@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from netvlad.errors import ImageError
 from netvlad.exif import read_photo_info
-from netvlad.imageio import load_image, walk_photos
+from netvlad.imageio import walk_photos
 from netvlad.index import Index
 from netvlad.transforms import Preprocess
 
@@ -129,7 +129,7 @@ class PhotoDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         image_id, path = self.items[i]
         try:
-            return image_id, self.preprocess(load_image(path, self.max_pixels)), None
+            return image_id, self.preprocess.load(path, self.max_pixels), None
         except ImageError as exc:
             return image_id, None, str(exc)
         except Exception as exc:  # a decoder bug on one odd file must not stop a long run

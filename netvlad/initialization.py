@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from netvlad.errors import ImageError
-from netvlad.imageio import ImageSource, load_image
+from netvlad.imageio import ImageSource
 from netvlad.model import NetVLADModel
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def _tensors(model: NetVLADModel, images: Sequence[ImageSource], progress: bool,
     """Yield preprocessed (1, 3, H, W) tensors, reporting and skipping photos that fail to decode."""
     for image in tqdm(images, desc=desc, unit="img", disable=not progress):
         try:
-            yield model.preprocess(load_image(image)).unsqueeze(0).to(model.device)
+            yield model.preprocess.load(image).unsqueeze(0).to(model.device)
         except ImageError as exc:
             log.warning("skipped: %s", exc)
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from netvlad.backbones import BACKBONES, build_backbone
-from netvlad.imageio import ImageSource, load_image
+from netvlad.imageio import ImageSource
 from netvlad.pooling import NetVLAD
 from netvlad.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from netvlad.whitening import PCAWhitening
@@ -111,7 +111,7 @@ class NetVLADModel(nn.Module):
 
     def load_tensors(self, images: Iterable[ImageSource]) -> list[torch.Tensor]:
         """Decode and preprocess photos → list of (3, H, W) tensors (raises `ImageError`)."""
-        return [self.preprocess(load_image(image)) for image in images]
+        return [self.preprocess.load(image) for image in images]
 
     @torch.no_grad()
     def describe(

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from netvlad.imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_MODES = ("rgb", "grey")
@@ -49,6 +51,16 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.resize(image))
+
+    @property
+    def reduce_to(self) -> int | None:
+        """Long side photos can be decoded at (`load_image(reduce_to=...)`); None with a fixed `size`."""
+        return None if self.size else self.max_side
+
+    def load(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Decode a photo (JPEGs at a reduced scale when they are much larger) and preprocess it →
+        float32 (3, H, W). Raises `ImageError`."""
+        return self(load_image(source, max_pixels, reduce_to=self.reduce_to))
 
     def resize(self, image: Image.Image) -> torch.Tensor:
         """RGB `PIL.Image` → uint8 (3, H, W) at the network's input size. Pillow does the work (no

@@ -74,9 +74,10 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
     return bytes(data)
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Decode uploaded bytes into an RGB image (EXIF orientation applied); HTTPException 413, 415
-    or 422 with the reason when it cannot be used. Blocking: call it from a worker thread."""
+def decode_upload(data: bytes, name: str, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
+    """Decode uploaded bytes into an RGB image (EXIF orientation applied; JPEGs at a reduced scale
+    for a long side of `reduce_to`, see `load_image`); HTTPException 413, 415 or 422 with the
+    reason when it cannot be used. Blocking: call it from a worker thread."""
     if not data:
         raise HTTPException(422, f"{name}: empty file (0 bytes)")
     try:
@@ -93,6 +94,6 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise HTTPException(413, f"{name}: {width}×{height} = {width * height:,} pixels is more than the "
                                  f"limit of {max_pixels:,} pixels")
     try:
-        return load_image(data, max_pixels=max_pixels)
+        return load_image(data, max_pixels=max_pixels, reduce_to=reduce_to)
     except ImageError as exc:
         raise HTTPException(422, f"{name}: {str(exc).removeprefix('upload: ')}") from None

@@ -81,3 +81,27 @@ def test_find_photos_walks_folders_skipping_hidden(tmp_path):
     assert found == ["a.jpg", "sub/b.PNG"]
     with pytest.raises(ImageError, match="no such file"):
         find_photos([tmp_path / "missing"])
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_content(real_photos):
+    from netvlad.transforms import Preprocess
+
+    photo = load_image(real_photos[0])
+    big = photo.resize((photo.width * 2, photo.height * 2))  # a camera-sized photo
+    data = _jpeg_bytes(big, quality=92)
+    reduced = load_image(data, reduce_to=320)
+    assert 320 <= max(reduced.size) < 640
+    preprocess = Preprocess("grey", max_side=320)
+    full, fast = preprocess(load_image(data)), preprocess.load(data)
+    assert full.shape == fast.shape
+    assert float((full - fast).abs().mean()) < 0.1  # standardised pixels: same picture
+    # Rotated by EXIF: the long side is the same in either orientation.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = load_image(_jpeg_bytes(big, quality=92, exif=exif.tobytes()), reduce_to=320)
+    assert rotated.size == reduced.size[::-1]
+    # Not a JPEG, or not much larger than asked: decoded in full.
+    png = io.BytesIO()
+    big.save(png, format="PNG")
+    assert load_image(png.getvalue(), reduce_to=320).size == big.size
+    assert load_image(data, reduce_to=max(big.size) // 2 + 1).size == big.size

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from netvlad.datasets.placeset import DATABASE_CSV, QUERIES_CSV, PlaceDataset
 from netvlad.errors import DatasetError, ImageError
-from netvlad.imageio import load_image
 from netvlad.model import NetVLADModel
 from netvlad.transforms import Preprocess
 
@@ -39,7 +38,7 @@ class PlaceImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.preprocess(load_image(self.paths[i])), ""
+            return i, self.preprocess.load(self.paths[i]), ""
         except ImageError as exc:
             return i, None, str(exc)
 

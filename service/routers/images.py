@@ -74,8 +74,8 @@ def _metadata(name: str | None, lat: float | None, lon: float | None, extra: str
 
 
 def _add(state: ServiceState, data: bytes, name: str, metadata: dict) -> ImageRecord:
-    """Validate, then add to catalog and index in one durable step (worker thread)."""
-    decode_upload(data, name, state.settings.max_pixels)
+    """Validate, then add to catalog and index in one durable step (compute thread)."""
+    decode_upload(data, name, state.settings.max_pixels, state.index.model.preprocess.reduce_to)
     (image_id,) = state.index.add([data], [metadata or None])
     return state.index.get(image_id)
 

@@ -28,7 +28,8 @@ ERRORS = {
 def _prepare(state: ServiceState, uploads: list[tuple[str, bytes]]) -> list[torch.Tensor]:
     """Decode and resize query photos → uint8 (3, H, W) tensors (Pillow only: any worker thread)."""
     preprocess = state.index.model.preprocess
-    return [preprocess.resize(decode_upload(data, name, state.settings.max_pixels)) for name, data in uploads]
+    max_pixels = state.settings.max_pixels
+    return [preprocess.resize(decode_upload(data, name, max_pixels, preprocess.reduce_to)) for name, data in uploads]
 
 
 def _rank(state: ServiceState, descriptors: np.ndarray, top_k: int, fusion: str):
