@@ -13,11 +13,17 @@ tombstone so the next folder scan does not add it back).
 File origins: ``folder`` (path relative to the indexed photo folder, ``meta.root``), ``file``
 (an absolute path added through the API) and ``upload`` (bytes stored by the index, path relative
 to the index folder).
+
+Paths are Python file names (`os.fsdecode`): a name that is not valid UTF-8 carries surrogate
+escapes and is stored losslessly as a BLOB of its bytes (`encode_path`/`decode_path`); show it
+with `display_path`. Values read back are cleaned (`netvlad.metadata`): a malformed coordinate,
+time or metadata text in a row reads as absent and never fails a read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -31,6 +37,7 @@ import numpy as np
 
 from netvlad.errors import IndexStoreError
 from netvlad.exif import PhotoInfo
+from netvlad.metadata import clean_coordinate, clean_extra, clean_taken_at
 
 SCHEMA_VERSION = 1
 DESCRIPTOR_DTYPE = np.float16
@@ -67,16 +74,38 @@ CREATE INDEX IF NOT EXISTS files_image ON files(image_id);
 METADATA_COLUMNS = ("lat", "lon", "taken_at")
 
 
+def encode_path(path: str) -> str | bytes:
+    """A file name as stored: the text itself, or its bytes when it is not valid UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def decode_path(stored: str | bytes) -> str:
+    """A stored file name back as a Python file name (`encode_path`'s inverse)."""
+    return os.fsdecode(stored) if isinstance(stored, bytes) else stored
+
+
+def display_path(path: str) -> str:
+    """A file name fit to print or send as JSON: bytes that are not UTF-8 shown as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class ImageRecord:
     """One catalogued photo. `path` is the absolute path of its first file (None if it has none);
-    `paths` every catalogued path (as stored: relative for folder photos)."""
+    `file` and `origin` that file as catalogued (relative to the photo folder for ``folder``, to
+    the index folder for ``upload``, absolute for ``file``); `paths` every catalogued path."""
 
     id: int
     sha256: str
     size: int
     status: str
     path: str | None = None
+    file: str | None = None
+    origin: str | None = None
     paths: list[str] = field(default_factory=list)
     width: int | None = None
     height: int | None = None
@@ -89,6 +118,15 @@ class ImageRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def public_path(self) -> str | None:
+        """The file's name as clients may see it: relative to the photo folder or the index folder,
+        only the file name for a file added by absolute path; never the server's folder layout."""
+        if self.file is None:
+            return None
+        name = os.path.basename(self.file) if self.origin == "file" else self.file
+        return display_path(name)
 
 
 class FileState(NamedTuple):
@@ -103,19 +141,26 @@ class Catalog:
 
     One connection per thread; `transaction()` is re-entrant within a thread, so several writes
     can be grouped into one atomic commit. Writers should be serialised by the caller (`Index`).
+    `readonly` opens it for reading only, also on a read-only file system (where SQLite cannot
+    create the WAL's shared-memory file, the file is opened as immutable: nobody can write it).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self._uri = f"file:{self.path.resolve()}?mode=ro" if readonly else None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         try:
-            conn = self.connection
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
+            if readonly:
+                self._open_readonly()
+            else:
+                conn = self.connection
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(SCHEMA)
             version = self.get_meta("schema_version")
-            if version is None:
+            if version is None and not readonly:
                 self.set_meta("schema_version", SCHEMA_VERSION)
                 self.set_meta("revision", 0)
             elif int(version) != SCHEMA_VERSION:
@@ -131,11 +176,22 @@ class Catalog:
 
     # ------------------------------------------------------------------------------ plumbing
 
+    def _open_readonly(self) -> None:
+        if not self.path.is_file():
+            raise IndexStoreError(f"{self.path}: no catalog")
+        try:
+            self.connection.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except sqlite3.OperationalError:  # e.g. "unable to open database file" on a read-only folder
+            self.close()
+            self._uri = f"file:{self.path.resolve()}?immutable=1"
+
     @property
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            target = self._uri or self.path
+            conn = sqlite3.connect(target, timeout=60, isolation_level=None, check_same_thread=False,
+                                   uri=self._uri is not None)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn, self._local.depth = conn, 0
@@ -198,7 +254,7 @@ class Catalog:
     def files(self, origin: str = "folder") -> dict[str, FileState]:
         """Every catalogued path of `origin` → its remembered size and mtime."""
         rows = self.connection.execute("SELECT path, size, mtime_ns FROM files WHERE origin=?", (origin,))
-        return {path: FileState(size, mtime) for path, size, mtime in rows}
+        return {decode_path(path): FileState(size, mtime) for path, size, mtime in rows}
 
     def record_file(
         self,
@@ -236,7 +292,7 @@ class Catalog:
                 "INSERT INTO files(path, origin, image_id, size, mtime_ns, error) VALUES(?, ?, ?, ?, ?, NULL)"
                 " ON CONFLICT(path) DO UPDATE SET origin=excluded.origin, image_id=excluded.image_id,"
                 " size=excluded.size, mtime_ns=excluded.mtime_ns, error=NULL",
-                (path, origin, image_id, size, mtime_ns),
+                (encode_path(path), origin, image_id, size, mtime_ns),
             )
         return int(image_id)
 
@@ -255,14 +311,14 @@ class Catalog:
                 "INSERT INTO files(path, origin, image_id, size, mtime_ns, error) VALUES(?, ?, NULL, ?, ?, ?)"
                 " ON CONFLICT(path) DO UPDATE SET image_id=NULL, size=excluded.size,"
                 " mtime_ns=excluded.mtime_ns, error=excluded.error",
-                (path, origin, size, mtime_ns, error),
+                (encode_path(path), origin, size, mtime_ns, error),
             )
 
     def delete_files(self, paths: Iterable[str]) -> list[int]:
         """Forget these paths; images no file shows any more go too. Returns the ids of those
         images that were indexed."""
         with self.transaction() as conn:
-            conn.executemany("DELETE FROM files WHERE path=?", ((p,) for p in paths))
+            conn.executemany("DELETE FROM files WHERE path=?", ((encode_path(p),) for p in paths))
             return self.delete_orphans()
 
     def delete_orphans(self) -> list[int]:
@@ -278,12 +334,12 @@ class Catalog:
                 self._bump(conn)
         return gone
 
-    def upload_paths(self, image_id: int) -> list[str]:
-        """Index-relative paths of the uploaded files showing image `image_id`."""
+    def files_of(self, image_id: int) -> list[tuple[str, str]]:
+        """(path, origin) of every file showing image `image_id`, sorted by path."""
         rows = self.connection.execute(
-            "SELECT path FROM files WHERE image_id=? AND origin='upload'", (image_id,)
+            "SELECT path, origin FROM files WHERE image_id=? ORDER BY path", (image_id,)
         )
-        return [row[0] for row in rows]
+        return [(decode_path(path), origin) for path, origin in rows]
 
     # ------------------------------------------------------------------------------ images
 
@@ -298,10 +354,11 @@ class Catalog:
 
     def pending(self) -> list[tuple[int, str, str, int | None, int | None]]:
         """(id, path, origin, width, height) of each pending image (one of its files), by id."""
-        return self.connection.execute(
+        rows = self.connection.execute(
             "SELECT i.id, MIN(f.path), f.origin, i.width, i.height FROM images i"
             " JOIN files f ON f.image_id = i.id WHERE i.status='pending' GROUP BY i.id ORDER BY i.id"
-        ).fetchall()
+        )
+        return [(image_id, decode_path(path), origin, w, h) for image_id, path, origin, w, h in rows]
 
     def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
         """Store (n, dim) descriptors and mark those images indexed, atomically."""
@@ -372,11 +429,13 @@ class Catalog:
         return {status: 0 for status in STATUSES} | dict(rows.fetchall())
 
     def failures(self) -> list[tuple[str, str]]:
-        """(path, reason) of every file that could not be read or decoded, sorted by path."""
-        return self.connection.execute(
+        """(path, reason) of every file that could not be read or decoded, sorted by path (each
+        file with its own path, also when several identical files share one failed image)."""
+        rows = self.connection.execute(
             "SELECT f.path, COALESCE(f.error, i.error) FROM files f LEFT JOIN images i ON i.id = f.image_id"
             " WHERE f.error IS NOT NULL OR i.status='failed' ORDER BY f.path"
-        ).fetchall()
+        )
+        return [(decode_path(path), reason) for path, reason in rows]
 
     def records(self, ids: Sequence[int], resolve) -> dict[int, ImageRecord]:
         """id → ImageRecord for the ids that exist; `resolve(path, origin)` gives absolute paths."""
@@ -389,16 +448,18 @@ class Catalog:
                 f" FROM images WHERE id IN ({marks})",
                 chunk,
             ):
+                lat, lon = clean_coordinate("lat", row[7]), clean_coordinate("lon", row[8])
                 out[row[0]] = ImageRecord(
                     id=row[0], sha256=row[1], size=row[2], status=row[3], width=row[4], height=row[5],
-                    taken_at=row[6], lat=row[7], lon=row[8], metadata=json.loads(row[9]) if row[9] else {},
+                    taken_at=clean_taken_at(row[6]), lat=lat if lon is not None else None,
+                    lon=lon if lat is not None else None, metadata=clean_extra(row[9]),
                     error=row[10], added_at=row[11],
                 )
-            for image_id, path, origin in self.connection.execute(
+            for image_id, stored, origin in self.connection.execute(
                 f"SELECT image_id, path, origin FROM files WHERE image_id IN ({marks}) ORDER BY path", chunk
             ):
-                record = out[image_id]
+                record, path = out[image_id], decode_path(stored)
                 if record.path is None:
-                    record.path = str(resolve(path, origin))
+                    record.path, record.file, record.origin = str(resolve(path, origin)), path, origin
                 record.paths.append(path)
         return out

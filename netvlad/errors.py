@@ -8,7 +8,15 @@ class NetVLADError(Exception):
 
 class ImageError(NetVLADError):
     """A file or upload could not be decoded as an image (corrupt, truncated, empty, not an image,
-    or too many pixels)."""
+    or too many pixels). `source` names the file or upload, `reason` says what is wrong with it."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return type(self), (self.source, self.reason)
 
 
 class ModelFileError(NetVLADError):
@@ -21,3 +29,16 @@ class DatasetError(NetVLADError):
 
 class IndexStoreError(NetVLADError):
     """An index folder is missing, corrupt, or was built with another model."""
+
+
+class MetadataError(NetVLADError):
+    """Photo metadata with a wrong type or value (e.g. a latitude that is not a number in [-90, 90])."""
+
+
+class DiskFullError(NetVLADError):
+    """A write failed because the disk (or quota) is full; the message starts with "disk full:"."""
+
+
+class PhotoFileError(NetVLADError):
+    """A catalogued photo's file cannot be served: not indexed, outside the collection, a link,
+    gone, or changed since it was indexed. The message names no server path."""

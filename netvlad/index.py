@@ -17,6 +17,7 @@ readers-writer lock lets many threads search while one adds or removes.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import faiss
 import numpy as np
@@ -37,12 +38,15 @@ import torch
 from PIL import Image
 
 from netvlad.catalog import DESCRIPTOR_DTYPE, Catalog, ImageRecord
-from netvlad.errors import ImageError, IndexStoreError
+from netvlad.errors import ImageError, IndexStoreError, PhotoFileError
 from netvlad.exif import PhotoInfo, read_photo_info
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
+from netvlad.metadata import validate_metadata
 from netvlad.model import NetVLADModel
 from netvlad.modelfile import load_model, model_fingerprint, save_model
+from netvlad.photofile import open_photo_file
 from netvlad.search import FUSION_ALPHA, FUSIONS, Hit, SearchResult, estimate_location, fuse_scores
+from netvlad.storage import disk_full_errors, fsync_dir, sweep_temp_files, write_atomic
 from netvlad.vectorindex import (
     IndexSpec,
     VectorIndex,
@@ -123,21 +127,17 @@ class _Photo:
     data: bytes | None = None
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _modifies(method):
+    """Index methods that change the folder: refused on a read-only index; a full disk is one
+    `DiskFullError` (the catalog rolls back, temp files are removed)."""
 
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._require_writable()
+        with disk_full_errors(self.directory):
+            return method(self, *args, **kwargs)
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    return wrapper
 
 
 def read_manifest(directory: Path) -> dict:
@@ -211,38 +211,51 @@ class Index:
             needs_training(IndexSpec.parse(index_type), net.dim)  # refuses a type faiss cannot build
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
         try:
-            save_model(net, tmp / MODEL)
-            summary = _model_summary(net)
-            catalog = Catalog(tmp / CATALOG)
-            catalog.set_meta("model", summary["fingerprint"])
-            catalog.set_meta("dim", net.dim)
-            catalog.close()
-            manifest = {
-                "format": FORMAT, "version": VERSION, "model": summary, "dim": net.dim, "count": 0,
-                "revision": 0, "index": {"requested": index_type, **IndexSpec().to_dict()},
-                "vectors": None, "created_at": time.time(), "updated_at": time.time(),
-            }
-            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-            if directory.exists():
-                directory.rmdir()
-            os.replace(tmp, directory)
-            _fsync_dir(directory.parent)
+            with disk_full_errors(directory.parent):
+                tmp.mkdir()
+                cls._write_new_folder(tmp, net, index_type)
+                if directory.exists():
+                    directory.rmdir()
+                os.replace(tmp, directory)
+                fsync_dir(directory.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return cls.open(directory, net, writable=True, amp=amp)
+
+    @staticmethod
+    def _write_new_folder(folder: Path, net: NetVLADModel, index_type: str) -> None:
+        """The files of an empty index for `net`: model, catalog, manifest."""
+        save_model(net, folder / MODEL)
+        summary = _model_summary(net)
+        catalog = Catalog(folder / CATALOG)
+        catalog.set_meta("model", summary["fingerprint"])
+        catalog.set_meta("dim", net.dim)
+        catalog.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "model": summary, "dim": net.dim, "count": 0,
+            "revision": 0, "index": {"requested": index_type, **IndexSpec().to_dict()},
+            "vectors": None, "created_at": time.time(), "updated_at": time.time(),
+        }
+        write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     @classmethod
     def open(cls, directory: str | os.PathLike, model: ModelArg = None, writable: bool = False,
              device: str | None = None, amp: bool | None = None) -> "Index":
         """Open an index folder. `model` None uses the folder's own model; any other model must be
         the one that built the index (else `IndexStoreError`). `writable` takes the folder's
-        writer lock and lets `add`, `remove` and `checkpoint` change it."""
+        writer lock and lets `add`, `remove` and `checkpoint` change it; its temp files left by a
+        killed writer are swept first. A folder that cannot be written (read-only file system, no
+        permission) is an `IndexStoreError` when `writable`, and opens read-only otherwise."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         lock_handle = cls._acquire_lock(directory) if writable else None
+        if writable:
+            swept = sweep_temp_files([directory, *directory.glob(f"{UPLOADS}/*")])
+            swept += sweep_temp_files([directory.parent], prefix=f".{directory.name}.tmp-")  # from `create`
+            for path in swept:
+                log.info("removed %s, left by an interrupted writer", path)
         catalog = None
         try:
             net = cls._load_model(directory / MODEL if model is None else model, device)
@@ -253,11 +266,12 @@ class Index:
                     f"{_describe_model(summary)}: search it with its own model (leave out --model) or "
                     "index the photos into a new folder"
                 )
-            catalog = Catalog(directory / CATALOG)
+            catalog = Catalog(directory / CATALOG, readonly=not writable)
             if catalog.get_meta("model") != summary["fingerprint"] or catalog.get_meta("dim") != str(net.dim):
                 raise IndexStoreError(f"{directory / CATALOG}: catalog belongs to another model than the manifest")
             index = cls(directory, net, manifest, catalog, writable, lock_handle, amp)
-            index._load_vectors()
+            with disk_full_errors(directory):
+                index._load_vectors()
         except BaseException:
             if catalog is not None:
                 catalog.close()
@@ -294,7 +308,10 @@ class Index:
 
     @staticmethod
     def _acquire_lock(directory: Path):
-        handle = open(directory / LOCK, "a+")
+        try:
+            handle = open(directory / LOCK, "a+")
+        except OSError as exc:  # read-only file system, no permission
+            raise IndexStoreError(f"{directory}: cannot be written ({exc.strerror}); open it read-only") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -399,8 +416,8 @@ class Index:
             faiss_version=faiss.__version__,
         )
         self._manifest["index"].update(self.vectors.spec.to_dict())
-        _write_atomic(self.directory / MANIFEST, json.dumps(self._manifest, indent=1).encode())
-        _fsync_dir(self.directory)
+        write_atomic(self.directory / MANIFEST, json.dumps(self._manifest, indent=1).encode())
+        fsync_dir(self.directory)
         self._persisted = json.dumps(self._manifest, sort_keys=True)
         for old in self.directory.glob("vectors-*.faiss"):
             if old.name != name:
@@ -410,10 +427,10 @@ class Index:
         if not self.writable:
             raise IndexStoreError(f"{self.directory}: opened read-only")
 
+    @_modifies
     def checkpoint(self) -> None:
         """Bring the faiss index up to date (changing its type when the size calls for it) and
         save it with the manifest, unless the saved files are current already."""
-        self._require_writable()
         with self._lock.write():
             changed = self._sync(retype=True)
             stale = self._manifest["revision"] != self.catalog.revision
@@ -448,18 +465,18 @@ class Index:
             return (self.root or Path(".")) / path
         return Path(path)
 
+    @_modifies
     def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
         """Durably record (n, dim) descriptors of pending images and add them to the faiss index."""
-        self._require_writable()
         stored = np.asarray(descriptors, dtype=DESCRIPTOR_DTYPE).astype(np.float32)
         with self._lock.write():
             self.catalog.store_descriptors(ids, stored)
             self.vectors.add(np.asarray(ids, dtype=np.int64), stored)
 
+    @_modifies
     def forget(self, paths: Sequence[str] = ()) -> list[int]:
         """Forget catalogued paths (e.g. deleted photos) and every image no file shows any more;
         returns the ids that left the index."""
-        self._require_writable()
         with self._lock.write():
             gone = self.catalog.delete_files(paths)
             self._drop(gone)
@@ -476,12 +493,12 @@ class Index:
     def writing(self) -> Iterator[Catalog]:
         """Hold the writer lock while changing the catalog directly (folder scans)."""
         self._require_writable()
-        with self._lock.write():
+        with disk_full_errors(self.directory), self._lock.write():
             yield self.catalog
 
+    @_modifies
     def mark_failed(self, failures: Sequence[tuple[int, str]]) -> None:
         """Record images that failed to decode, with their reasons."""
-        self._require_writable()
         with self._lock.write():
             self.catalog.mark_failed(failures)
 
@@ -495,6 +512,23 @@ class Index:
         """The catalog record of an image, None when unknown or removed."""
         record = self.catalog.records([int(image_id)], self.resolve).get(int(image_id))
         return None if record is None or record.status == "removed" else record
+
+    def open_photo(self, record: ImageRecord) -> BinaryIO:
+        """The file of an indexed photo opened for reading, confined to the photo folder or the
+        uploads (`netvlad.photofile`); `PhotoFileError` saying why it cannot be served."""
+        if record.status != "indexed":
+            raise PhotoFileError(f"image {record.id} is {record.status}, not indexed")
+        reason = "it has no file in the collection (added by a path outside it)"
+        for path, origin in self.catalog.files_of(record.id):
+            base = {"folder": self.root, "upload": self.directory / UPLOADS}.get(origin)
+            if base is None:
+                continue
+            relative = path.removeprefix(f"{UPLOADS}/") if origin == "upload" else path
+            try:
+                return open_photo_file(base, relative, record.size, record.sha256)
+            except PhotoFileError as exc:
+                reason = str(exc)
+        raise PhotoFileError(f"image {record.id}: {reason}")
 
     def _prepare(self, item: str | os.PathLike | bytes) -> _Photo:
         if isinstance(item, (bytes, bytearray)):
@@ -517,55 +551,69 @@ class Index:
             path, origin = str(source), "file"
         return _Photo(path, origin, stat.st_size, stat.st_mtime_ns, sha, read_photo_info(source), image)
 
+    @_modifies
     def add(self, items: Sequence[str | os.PathLike | bytes], metadata: Sequence[dict | None] | None = None) -> list[int]:
         """Add photos (paths or encoded bytes) with optional per-photo metadata (lat, lon,
         taken_at and free keys); returns their ids, durable on return. Content already indexed is
         not described again (its id is returned). Raises `ImageError` naming the first photo that
-        does not decode; nothing is added then."""
-        self._require_writable()
+        does not decode and `MetadataError` for the first invalid metadata (`validate_metadata`);
+        nothing is added or stored then."""
         items = list(items)
         metadata = list(metadata) if metadata is not None else [None] * len(items)
         if len(metadata) != len(items):
             raise ValueError(f"{len(metadata)} metadata entries for {len(items)} photos")
+        metadata = [validate_metadata(meta) for meta in metadata]
         photos = []
         for position, item in enumerate(items):
             try:
                 photos.append(self._prepare(item))
             except OSError as exc:
-                raise ImageError(f"photo {position + 1}: {exc}") from None
+                raise ImageError(f"photo {position + 1}", exc.strerror or str(exc)) from None
         todo = {p.sha256: p.image for p in photos if self.catalog.find(p.sha256)[1] != "indexed"}
         descriptors = (
             self.model.describe(list(todo.values()), amp=self.amp) if todo else np.zeros((0, self.dim), np.float32)
         )
         fresh = dict(zip(todo, np.asarray(descriptors, dtype=DESCRIPTOR_DTYPE).astype(np.float32)))
         with self._lock.write():
-            for photo in photos:
-                if photo.data is not None:
+            written = []
+            try:
+                for photo in photos:
                     target = self.directory / photo.path
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if not target.exists():
-                        _write_atomic(target, photo.data)
-            ids, new = [], {}
-            with self.catalog.transaction():
-                for photo, meta in zip(photos, metadata):
-                    image_id = self.catalog.record_file(
-                        photo.path, photo.origin, photo.size, photo.mtime_ns, photo.sha256, photo.info, meta
-                    )
-                    ids.append(image_id)
-                    if photo.sha256 in fresh and self.catalog.status(image_id) != "indexed":
-                        new[image_id] = fresh[photo.sha256]
-                if new:
-                    self.catalog.store_descriptors(list(new), np.stack(list(new.values())))
+                    if photo.data is not None and not target.exists():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        write_atomic(target, photo.data)
+                        written.append(target)
+                ids, new = self._record_added(photos, metadata, fresh)
+            except BaseException:
+                for target in written:  # the catalog rolled back: nothing may point to them
+                    target.unlink(missing_ok=True)
+                raise
             if new:
                 self.vectors.add(np.fromiter(new, dtype=np.int64), np.stack(list(new.values())))
         return ids
 
+    def _record_added(self, photos: list[_Photo], metadata: list[dict], fresh: dict) -> tuple[list[int], dict]:
+        """Catalog the photos of one `add` and their new descriptors in one transaction; returns
+        (ids, {id: descriptor} of the images that became indexed)."""
+        ids, new = [], {}
+        with self.catalog.transaction():
+            for photo, meta in zip(photos, metadata):
+                image_id = self.catalog.record_file(
+                    photo.path, photo.origin, photo.size, photo.mtime_ns, photo.sha256, photo.info, meta
+                )
+                ids.append(image_id)
+                if photo.sha256 in fresh and self.catalog.status(image_id) != "indexed":
+                    new[image_id] = fresh[photo.sha256]
+            if new:
+                self.catalog.store_descriptors(list(new), np.stack(list(new.values())))
+        return ids, new
+
+    @_modifies
     def remove(self, ids: Sequence[int]) -> list[int]:
         """Take images out of the index (uploaded files are deleted; folder photos are kept on disk
         and not re-added by later folder runs); returns the ids that were indexed."""
-        self._require_writable()
         with self._lock.write():
-            uploads = [path for i in ids for path in self.catalog.upload_paths(int(i))]
+            uploads = [path for i in ids for path, origin in self.catalog.files_of(int(i)) if origin == "upload"]
             removed = self.catalog.remove(ids)
             self._drop(removed)
         for path in uploads:
@@ -612,7 +660,7 @@ class Index:
             hits.append(Hit(
                 id=int(candidates[i]), score=float(fused[i]), path=record.path if record else None,
                 lat=record.lat if record else None, lon=record.lon if record else None,
-                query_scores=[float(s) for s in sims[i]],
+                query_scores=[float(s) for s in sims[i]], record=record,
             ))
         coords = np.array([[np.nan if h.lat is None else h.lat, np.nan if h.lon is None else h.lon] for h in hits])
         location = estimate_location(coords[:, 0], coords[:, 1], fused[order]) if hits else None

@@ -1,7 +1,9 @@
 """Offline indexing of a photo folder: walk, catalogue, describe in batches, resumable.
 
 1. *Scan*: walk the folder (photo suffixes only; hidden files and folders skipped; symbolic links
-   followed, link loops cut, broken links recorded as unreadable), hash every new or changed file
+   followed inside the folder, link loops cut, broken links recorded as unreadable, links to files
+   or folders outside it recorded as skipped: the service serves nothing outside the folder, so
+   index the real folder instead), hash every new or changed file
    and record it with its header facts. Unchanged files (same size and mtime) are not re-read;
    identical contents share one image. With `prune`, paths that vanished are forgotten.
 2. *Describe*: a torch DataLoader decodes and preprocesses pending photos in worker processes
@@ -26,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from netvlad.catalog import display_path
 from netvlad.errors import ImageError
 from netvlad.exif import read_photo_info
 from netvlad.imageio import walk_photos
@@ -74,7 +77,7 @@ def _probe(rel: str, path: Path, known: dict, report: IndexingReport) -> tuple |
             return None
         sha = _sha256(path)
     except OSError as exc:
-        return "unreadable", rel, f"{rel}: unreadable ({exc.strerror or exc})"
+        return "unreadable", rel, f"unreadable ({exc.strerror or exc})"
     if rel in known:
         report.changed += 1
     else:
@@ -88,6 +91,7 @@ def scan_folder(index: Index, root: Path, prune: bool, report: IndexingReport, p
     known = index.catalog.files("folder")
     seen: set[str] = set()
     chunk: list[tuple] = []
+    outside: list[tuple[str, str]] = []
 
     def flush() -> None:
         with index.writing() as catalog:
@@ -99,14 +103,17 @@ def scan_folder(index: Index, root: Path, prune: bool, report: IndexingReport, p
                     catalog.record_file(rel, "folder", stat.st_size, stat.st_mtime_ns, sha, info)
         chunk.clear()
 
-    for rel, path in tqdm(walk_photos(root, exclude=(index.directory,)), desc="scan", unit="file",
-                          disable=not progress, leave=False):
+    for rel, path in tqdm(walk_photos(root, exclude=(index.directory,), outside=outside), desc="scan",
+                          unit="file", disable=not progress, leave=False):
         seen.add(rel)
         entry = _probe(rel, path, known, report)
         if entry is not None:
             chunk.append(entry)
         if len(chunk) >= SCAN_CHUNK:
             flush()
+    for rel, reason in outside:  # links leaving the folder: recorded, so an indexed one leaves the index
+        seen.add(rel)
+        chunk.append(("unreadable", rel, reason))
     flush()
     report.files = len(seen)
     gone = sorted(set(known) - seen) if prune else []
@@ -131,9 +138,9 @@ class PhotoDataset(Dataset):
         try:
             return image_id, self.preprocess.load(path, self.max_pixels), None
         except ImageError as exc:
-            return image_id, None, str(exc)
+            return image_id, None, exc.reason
         except Exception as exc:  # a decoder bug on one odd file must not stop a long run
-            return image_id, None, f"{path}: {type(exc).__name__}: {exc}"
+            return image_id, None, f"{type(exc).__name__}: {exc}"
 
 
 def collate_photos(samples: list) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, str]]]:
@@ -176,7 +183,6 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
     model = index.model
     preprocess = model.preprocess
     items = [(image_id, str(index.resolve(path, origin))) for image_id, path, origin, _, _ in pending]
-    paths = dict(items)
     shapes = [preprocess.output_shape(w, h) if w and h else None for _, _, _, w, h in pending]
     device = model.device
     loader = DataLoader(
@@ -194,7 +200,7 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
             try:
                 descriptors = model.describe(images.to(device, non_blocking=True), batch_size=len(ids), amp=index.amp)
             except RuntimeError as exc:  # e.g. a photo too small for the network: fail the batch, go on
-                failures = failures + [(int(i), f"{paths[int(i)]}: the network failed on it ({exc})") for i in ids]
+                failures = failures + [(int(i), f"the network failed on it ({exc})") for i in ids]
                 continue
             index.store_descriptors(ids.tolist(), descriptors)
             report.described += len(ids)
@@ -223,5 +229,5 @@ def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, b
     report.images = len(index)
     report.index_type = index.spec.factory
     report.images_per_s = report.described / report.seconds if report.seconds > 0 else 0.0
-    report.failures = [tuple(row) for row in index.catalog.failures()]
+    report.failures = [(display_path(path), reason) for path, reason in index.catalog.failures()]
     return report

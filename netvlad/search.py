@@ -15,6 +15,7 @@ import numpy as np
 import pyproj
 import torch
 
+from netvlad.catalog import ImageRecord
 from netvlad.soft import softargmax, softmedian, weighted_softmedian
 
 FUSIONS = ("softmedian", "mean", "max")
@@ -43,7 +44,7 @@ class Location:
 @dataclass
 class Hit:
     """One result: catalog id, fused score (cosine similarity scale), absolute path of its file,
-    coordinates when catalogued, and its similarity to each query photo."""
+    coordinates when catalogued, its similarity to each query photo, and its catalog record."""
 
     id: int
     score: float
@@ -51,6 +52,7 @@ class Hit:
     lat: float | None = None
     lon: float | None = None
     query_scores: list[float] = field(default_factory=list)
+    record: ImageRecord | None = None
 
 
 @dataclass

@@ -100,8 +100,13 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_content(real_photos
     exif[0x0112] = 6
     rotated = load_image(_jpeg_bytes(big, quality=92, exif=exif.tobytes()), reduce_to=320)
     assert rotated.size == reduced.size[::-1]
-    # Not a JPEG, or not much larger than asked: decoded in full.
+    # Formats without scaled decoding (PNG) are shrunk by a whole factor right after decoding,
+    # with the same content; a photo not much larger than asked is decoded in full.
     png = io.BytesIO()
     big.save(png, format="PNG")
-    assert load_image(png.getvalue(), reduce_to=320).size == big.size
+    small_png = load_image(png.getvalue(), reduce_to=320)
+    assert 320 <= max(small_png.size) < 640
+    full_png = preprocess(load_image(png.getvalue()))
+    assert float((full_png - preprocess(small_png)).abs().mean()) < 0.1
+    assert load_image(png.getvalue(), reduce_to=max(big.size) // 2 + 1).size == big.size
     assert load_image(data, reduce_to=max(big.size) // 2 + 1).size == big.size

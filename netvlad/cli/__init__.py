@@ -1,8 +1,10 @@
 """`netvlad` command line: `main()` is the console script.
 
-Library errors (`NetVLADError`) print one line `error: <cause>` on stderr and exit with code 1.
+Library errors (`NetVLADError`) and failed file operations print one line `error: <cause>` on
+stderr and exit with code 1 (a full disk as `error: disk full: …`).
 """
 
+import sqlite3
 import sys
 from importlib.metadata import entry_points
 
@@ -11,6 +13,7 @@ import typer
 from netvlad.cli.app import app
 from netvlad.cli import data_commands, eval_commands, index_commands, model_commands  # noqa: F401  (they register their commands)
 from netvlad.errors import NetVLADError
+from netvlad.storage import is_disk_full
 
 __all__ = ["app", "main"]
 
@@ -33,6 +36,7 @@ def main() -> None:
     register_plugins()
     try:
         app()  # typer handles usage errors and exits itself
-    except (NetVLADError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (NetVLADError, OSError, sqlite3.OperationalError) as exc:
+        message = f"disk full: {exc}" if is_disk_full(exc) else str(exc)
+        typer.echo(f"error: {message}", err=True)
         sys.exit(1)

@@ -53,8 +53,8 @@ def index_command(
     )
     if report.failures:
         typer.echo(f"{len(report.failures)} files skipped:")
-        for _, reason in report.failures:
-            typer.echo(f"  {reason}")
+        for path, reason in report.failures:
+            typer.echo(f"  {path}: {reason}")
 
 
 def _thumbnails(result: SearchResult, queries: list[Path], out: Path) -> None:
