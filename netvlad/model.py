@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from netvlad.backbones import BACKBONES, build_backbone
+from netvlad.configs import config_from_dict
 from netvlad.imageio import ImageSource
 from netvlad.pooling import NetVLAD
 from netvlad.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -36,15 +37,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        data = dict(data)
+        """The config stored by `to_dict` (lists back to tuples); unknown keys raise `ConfigError`."""
+        config = config_from_dict(cls, data, "model config")
         for key in ("image_size", "mean", "std"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+            if getattr(config, key) is not None:
+                setattr(config, key, tuple(getattr(config, key)))
+        return config
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -193,6 +193,6 @@ def test_eval_cli_errors(place_set, tmp_path, monkeypatch, capsys):
     code, err = netvlad("eval", str(place_set.root), "--model", str(tmp_path / "missing.pt"))
     assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.pt'}: no such model file"
     code, err = netvlad("eval", str(place_set.root), "--baseline", "surf")
-    assert code == 2 and "'surf' is not one of: rootsift-vlad, untrained" in err
+    assert code == 2 and "'surf' is not one of 'rootsift-vlad', 'untrained'" in err
     code, err = netvlad("eval", str(place_set.root), "--ns", "0,5")
     assert code == 2 and "N values must be positive" in err

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import time
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
 from netvlad.baselines import BASELINES, fit_baseline
 from netvlad.cli.app import app
 from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
+from netvlad.devices import resolve_device
 from netvlad.evaluation import DEFAULT_NS, evaluate, plot_recall, write_per_query_csv
 from netvlad.modelfile import load_model
+
+#: The `--baseline` choices (typer takes repeatable choices as an Enum).
+Baseline = Enum("Baseline", [(name, name) for name in BASELINES], type=str)
 
 
 def _parse_ns(text: str) -> tuple[int, ...]:
@@ -33,7 +37,7 @@ def eval_command(
     dataset_path: Annotated[Path, typer.Argument(metavar="DATASET", help="Place dataset folder (database.csv, queries.csv) or dbStruct .mat file.")],
     model_path: Annotated[str, typer.Option("--model", "-m", help="Model file, or 'default'.")] = "default",
     baselines: Annotated[
-        Optional[list[str]], typer.Option("--baseline", "-b", help=(
+        Optional[list[Baseline]], typer.Option("--baseline", "-b", help=(
             "Also evaluate a baseline fitted on the database photos (repeatable): rootsift-vlad, or untrained "
             "(the model's architecture with random weights, BatchNorm and k-means initialised)."
         ))
@@ -50,8 +54,8 @@ def eval_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
     device: Annotated[
-        Optional[str], typer.Option(help="Torch device for the networks: cpu, cuda, cuda:1, … (default: cuda when available).")
-    ] = None,
+        str, typer.Option(help="Torch device for the networks: auto (cuda when available), cpu, cuda, cuda:1, …")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the baselines' random init and k-means.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
@@ -59,21 +63,17 @@ def eval_command(
     """Recall@N (a query is recalled when a database image within the positive radius is among
     its N most similar) of a model and, optionally, baselines fitted on the database photos."""
     ns = _parse_ns(ns_text)
-    for name in baselines or []:
-        if name not in BASELINES:
-            raise typer.BadParameter(f"{name!r} is not one of: {', '.join(BASELINES)}", param_hint="--baseline")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check_device(device)
+    torch_device = resolve_device(device)
     dataset = load_place_dataset(dataset_path, images_root=images_root, queries_root=queries_root,
                                  pos_radius_m=pos_radius,
                                  nontrivial_radius_m=None if pos_radius is None else min(pos_radius, 10.0))
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=torch_device)
     describe_model = partial(model.describe, batch_size=batch_size, progress=progress)
 
     results = {Path(model_path).name: {"fit_s": 0.0, **evaluate(describe_model, dataset, ns, per_query=per_query is not None)}}
-    for name in dict.fromkeys(baselines or []):
+    for name in dict.fromkeys(b.value for b in baselines or []):
         start = time.perf_counter()
-        baseline = fit_baseline(name, dataset.db_paths(), model.config, seed=seed, device=device, progress=progress)
+        baseline = fit_baseline(name, dataset.db_paths(), model.config, seed=seed, device=torch_device, progress=progress)
         fit_s = time.perf_counter() - start
         results[name] = {"fit_s": fit_s, **evaluate(baseline, dataset, ns, per_query=per_query is not None, progress=progress)}
 
@@ -88,15 +88,6 @@ def eval_command(
     for path, what in ((per_query, "per-query results"), (plot, "recall plot")):
         if path is not None:
             typer.echo(f"wrote {what} to {path}")
-
-
-def _check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise typer.BadParameter(f"'{device}' is not a torch device (e.g. cpu, cuda, cuda:1)", param_hint="--device") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
 
 
 def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], results: dict[str, dict]) -> dict:
