@@ -25,7 +25,8 @@ from netvlad.losses import RealignedSoftmaxWarpingLoss, geo_soft_labels
 from netvlad.model import build_model
 from netvlad.modelfile import load_model, save_model
 from training.cli import register
-from training.loop import TrainConfig, Trainer
+from training.config import TrainConfig
+from training.loop import Trainer
 from training.mining import MinedTuple
 from training.objectives import RSWObjective, SoftObjective
 
@@ -285,7 +286,7 @@ def test_cli_trains_resumes_and_writes_the_run_folder(cli, tiny, tmp_path):
     result = runner.invoke(cli, [*base, "--model", str(model_file), "--epochs", "1", "--lr", "1e-3"])
     assert result.exit_code == 0, result.output
     assert "trained 1 epochs" in result.output
-    for name in ("checkpoint.pt", "model.pt", "best.pt", "log.csv", "curves.png"):
+    for name in ("run-state.pt", "model.pt", "best.pt", "log.csv", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     load_model(out / "model.pt")
@@ -293,7 +294,7 @@ def test_cli_trains_resumes_and_writes_the_run_folder(cli, tiny, tmp_path):
     again = runner.invoke(cli, [*base, "--model", str(model_file)])
     assert again.exit_code != 0 and "--resume" in again.output
     changed = runner.invoke(cli, [*base, "--resume", "--lr", "0.5"])
-    assert changed.exit_code != 0 and "differs from the checkpoint" in changed.output
+    assert changed.exit_code != 0 and "differs from the run state" in changed.output
 
     resumed = runner.invoke(cli, [*base, "--resume", "--epochs", "2", "--workers", "1", "--json"])
     assert resumed.exit_code == 0, resumed.output

@@ -1,5 +1,10 @@
 """`netvlad train`: registered on the netvlad CLI through the `netvlad.commands` entry point
-(`train = "training.cli:register"`), so the library never imports this package."""
+(`train = "training.cli:register"`), so the library never imports this package.
+
+Options that set a `TrainConfig` field carry the field's name (`--random-negatives` →
+`random_negatives`), so the config is built from them directly and a resumed run compares them
+with its stored config field by field.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +16,25 @@ from typing import Annotated, Optional
 import typer
 
 from netvlad.datasets.placeset import DATABASE_CSV, load_place_dataset
+from netvlad.devices import resolve_device
 from netvlad.modelfile import load_model
-from training.loop import (
-    BEST_MODEL, CHECKPOINT, FINAL_MODEL, OPTIMIZERS, SCHEDULES, TrainConfig, Trainer, read_checkpoint,
-)
-from training.objectives import LOSSES
+from training.config import Loss, Optimizer, Schedule, TrainConfig
+from training.loop import BEST_MODEL, FINAL_MODEL, Trainer
+from training.run_state import RUN_STATE, read_run_state
 
 _D = TrainConfig()
-# Options that may change when resuming; every other explicit option must match the checkpoint.
-_RESUMABLE = {"epochs", "workers", "device", "progress", "as_json", "val", "resume", "model", "dataset", "out"}
+CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
+# Config fields a resumed run may change; every other one given on the command line must match.
+RESUMABLE = ("epochs", "workers")
 
 
-def _choice(value: str, allowed, option: str) -> str:
-    if value not in allowed:
-        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(allowed)}", param_hint=option)
-    return value
-
-
-def _train_blocks(text: str) -> int | None:
+def parse_train_blocks(text: str) -> int | None:
+    """'auto' → None (1 on CPU, all on CUDA), 'all' → -1, else a count >= 0."""
     if text in ("auto", "all"):
         return None if text == "auto" else -1
-    try:
-        value = int(text)
-    except ValueError:
-        value = -2
-    if value < 0:
-        raise typer.BadParameter(f"expected a number >= 0, 'all' or 'auto', got {text!r}", param_hint="--train-blocks")
-    return value
+    if not text.isdigit():
+        raise typer.BadParameter(f"expected a number >= 0, 'all' or 'auto', got {text!r}")
+    return int(text)
 
 
 def split_folders(dataset: Path) -> tuple[Path, Path | None]:
@@ -52,58 +49,56 @@ def train_command(
     ctx: typer.Context,
     dataset: Annotated[Path, typer.Argument(help="Place dataset (folder with database.csv and queries.csv, a "
                                                  "make-placeset folder with train/ and val/, or a dbStruct .mat).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint.pt, model.pt, best.pt, log.csv, curves.png.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=f"Run folder: {RUN_STATE}, model.pt, best.pt, log.csv, curves.png.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Starting model file (from `netvlad init`); not needed with --resume.")] = None,
-    loss: Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES)}.")] = _D.loss,
+    loss: Annotated[Loss, typer.Option(help="Objective.")] = _D.loss,
     epochs: Annotated[int, typer.Option(min=1, help="Total epochs (with --resume: may be raised).")] = _D.epochs,
-    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate (RSW proxies: 100×).")] = _D.lr,
-    optimizer: Annotated[str, typer.Option(help=f"One of: {', '.join(OPTIMIZERS)}.")] = _D.optimizer,
+    lr: Annotated[float, typer.Option(help="Learning rate, > 0 (RSW proxies: 100×).")] = _D.lr,
+    optimizer: Annotated[Optimizer, typer.Option()] = _D.optimizer,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = _D.weight_decay,
-    schedule: Annotated[str, typer.Option(help=f"LR schedule, one of: {', '.join(SCHEDULES)} (step: halve every --lr-step-epochs).")] = _D.schedule,
+    schedule: Annotated[Schedule, typer.Option(help="LR schedule (step: halve every --lr-step-epochs).")] = _D.schedule,
     lr_step_epochs: Annotated[int, typer.Option(min=1)] = _D.lr_step_epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Queries per optimiser step.")] = _D.batch_size,
     cache_refresh: Annotated[int, typer.Option(min=1, help="Refresh the mining descriptor cache every this many queries.")] = _D.cache_refresh,
-    negatives: Annotated[int, typer.Option(min=0, help="Random negatives drawn per query (at most the database size).")] = _D.random_negatives,
+    random_negatives: Annotated[int, typer.Option("--random-negatives", "--negatives", min=0, help="Random negatives drawn per query (at most the database size).")] = _D.random_negatives,
     max_negatives: Annotated[int, typer.Option(min=1, help="Hard negatives kept per query (at most a tenth of the database).")] = _D.max_negatives,
     margin: Annotated[float, typer.Option(min=0.0, help="Triplet margin (squared descriptor distance).")] = _D.margin,
     seed: Annotated[int, typer.Option(help="Seed of query order and negative sampling.")] = _D.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bfloat16 autocast (default: on for CUDA; ~2-3x faster on bf16 CPUs).")] = None,
     channels_last: Annotated[bool, typer.Option(help="channels_last memory format.")] = _D.channels_last,
-    train_blocks: Annotated[str, typer.Option(help="Backbone blocks to train, from the last: a number, 'all', or 'auto' (1 on CPU, all on CUDA).")] = "auto",
+    train_blocks: Annotated[Optional[int], typer.Option(parser=parse_train_blocks, metavar="N|all|auto", show_default="auto",
+                                                        help="Backbone blocks to train, from the last (auto: 1 on CPU, all on CUDA).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Image-loading worker processes.")] = _D.workers,
     val: Annotated[Optional[Path], typer.Option(help="Validation place dataset (default: the val/ split, else the training queries).")] = None,
     pos_radius: Annotated[Optional[float], typer.Option("--pos-radius", min=0.0, help="Positive radius in metres: negatives lie beyond it, validation counts hits within it (default: the dataset's, 25 m).")] = None,
     train_radius: Annotated[Optional[float], typer.Option("--train-radius", min=0.0, help="Radius in metres of the potential positives a triplet picks its positive from (default: the dataset's, 10 m).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help=f"Continue the run in --out from its {RUN_STATE}.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     """Train a place-recognition model with hard-negative mining (triplet, soft-label or RSW loss)."""
+    torch_device = resolve_device(device)
+    if resume:
+        check_resume_options(ctx, out)
+    elif (out / RUN_STATE).exists():
+        raise typer.BadParameter(f"{out / RUN_STATE} exists: pass --resume to continue that run, or choose "
+                                 "another folder", param_hint="--out")
+    elif model is None:
+        raise typer.BadParameter("a starting model is needed (make one with `netvlad init`)", param_hint="--model")
+    else:
+        config = TrainConfig(**{name: ctx.params[name] for name in CONFIG_FIELDS if name in ctx.params})
     train_path, val_path = split_folders(dataset)
     radii = {"pos_radius_m": pos_radius, "nontrivial_radius_m": train_radius}
     train_set = load_place_dataset(train_path, **radii)
     val_path = val if val is not None else val_path
     val_set = load_place_dataset(val_path, **radii) if val_path is not None else None
     if resume:
-        _check_resume_options(ctx, out)
-        trainer = Trainer.resume(out, train_set, val_set, device=device, progress=progress,
+        trainer = Trainer.resume(out, train_set, val_set, device=torch_device, progress=progress,
                                  epochs=epochs if _given(ctx, "epochs") else None,
                                  workers=workers if _given(ctx, "workers") else None)
     else:
-        if (out / CHECKPOINT).exists():
-            raise typer.BadParameter(f"{out / CHECKPOINT} exists: pass --resume to continue that run, or choose "
-                                     "another folder", param_hint="--out")
-        if model is None:
-            raise typer.BadParameter("a starting model is needed (make one with `netvlad init`)", param_hint="--model")
-        config = TrainConfig(
-            loss=_choice(loss, LOSSES, "--loss"), epochs=epochs, lr=lr, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"),
-            weight_decay=weight_decay, schedule=_choice(schedule, SCHEDULES, "--schedule"), lr_step_epochs=lr_step_epochs,
-            batch_size=batch_size, cache_refresh=cache_refresh, random_negatives=negatives, max_negatives=max_negatives,
-            margin=margin, seed=seed, amp=amp, channels_last=channels_last, train_blocks=_train_blocks(train_blocks),
-            workers=workers,
-        )
-        trainer = Trainer(load_model(model), train_set, out, config, val_set, device=device, progress=progress)
+        trainer = Trainer(load_model(model), train_set, out, config, val_set, device=torch_device, progress=progress)
     for where in trainer.skipped:
         typer.echo(f"warning: skipped query without a database image within "
                    f"{train_set.nontrivial_radius_m:g} m: {where}", err=True)
@@ -138,19 +133,16 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _check_resume_options(ctx: typer.Context, out: Path) -> None:
-    """Refuse explicit options that would change a resumed run (its settings live in the checkpoint)."""
-    saved = read_checkpoint(out / CHECKPOINT)["train_config"]
-    names = {f.name for f in fields(TrainConfig)} | {"negatives"}
-    for name, value in ctx.params.items():
-        if name in _RESUMABLE or not _given(ctx, name):
+def check_resume_options(ctx: typer.Context, out: Path) -> None:
+    """Refuse config options that would change a resumed run (its settings live in its run state)."""
+    saved = TrainConfig.from_dict(read_run_state(out)["train_config"])
+    for name in CONFIG_FIELDS:
+        if name in RESUMABLE or not _given(ctx, name):
             continue
-        key = "random_negatives" if name == "negatives" else name
-        if key == "train_blocks":
-            value = _train_blocks(value)
-        if key in names and value is not None and saved.get(key) != value:
+        value, kept = ctx.params[name], getattr(saved, name)
+        if value is not None and value != kept:
             option = "--" + name.replace("_", "-")
-            raise typer.BadParameter(f"{value!r} differs from the checkpoint's {saved.get(key)!r}; a resumed run keeps "
+            raise typer.BadParameter(f"{value!r} differs from the run state's {kept!r}; a resumed run keeps "
                                      "its settings (omit the option, or start a new --out)", param_hint=option)
 
 

@@ -1,5 +1,5 @@
-"""The training loop: mining chunks, optimiser and LR schedule, bf16 autocast, validation,
-checkpoints and exact resume.
+"""The training loop: mining chunks, optimiser and LR schedule, bf16 autocast, validation and
+exact resume.
 
 An epoch visits the usable training queries (those with a potential positive) in a seeded random
 order, in chunks of `cache_refresh` queries. Before each chunk the descriptor cache is refreshed
@@ -7,25 +7,23 @@ order, in chunks of `cache_refresh` queries. Before each chunk the descriptor ca
 images are then loaded (`workers` processes) in steps of `batch_size` queries. After each epoch
 Recall@1/5/10 is measured on the validation set (the training set's own queries when there is no
 val split), `model.pt` (latest) and `best.pt` (best Recall@1, epoch 0 = the starting model
-included) are written as plain model files, then `checkpoint.pt`, `log.csv` and `curves.png`.
+included) are written as plain model files, then the run state (`training.run_state`), `log.csv`
+and `curves.png`.
 
-All sampling randomness comes from generators seeded with (seed, epoch), and a checkpoint holds
-everything else that evolves (weights, BatchNorm statistics, optimiser, scheduler, the
-hard-negative cache, the run record, global RNG states), so resuming after epoch e gives the same
-weights as an uninterrupted run.
+All sampling randomness comes from generators seeded with (seed, epoch), and the run state holds
+everything else that evolves, so resuming after epoch e gives the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import random
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,98 +32,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from netvlad.configs import ConfigError
 from netvlad.datasets.groundtruth import queries_without_positives
 from netvlad.datasets.placeset import PlaceDataset
-from netvlad.errors import DatasetError, ModelFileError
+from netvlad.devices import resolve_device
+from netvlad.errors import DatasetError
 from netvlad.evaluation import recall_at_n
 from netvlad.model import ModelConfig, NetVLADModel
 from netvlad.modelfile import save_model
+from training.config import TrainConfig
 from training.images import PlaceImages, collate_items, describe_images, forward_descriptors
 from training.mining import HardNegativeMiner, MinedTuple
-from training.objectives import LOSSES, RSWObjective, SoftObjective, TripletObjective
+from training.objectives import build_objective
+from training.run_state import check_dataset, read_run_state, restore_run_state, save_run_state
 from training.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best.pt"
 FINAL_MODEL = "model.pt"
-CHECKPOINT_FORMAT = "netvlad-train-checkpoint"
-CHECKPOINT_VERSION = 1
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
 RECALL_NS = (1, 5, 10)
-
-
-@dataclass
-class TrainConfig:
-    """Training settings (stored in the checkpoint). Distances in metres, margin in squared
-    descriptor units, learning rates per step.
-
-    `train_blocks`: parameterised backbone blocks trained, counted from the last (for
-    resnet18-layer3: layer3, layer2, layer1, bn1, conv1); NetVLAD (and whitening) always train;
-    -1 = the whole backbone; None = 1 on CPU, all on CUDA. `amp`: bfloat16 autocast, None = on for
-    CUDA only. `random_negatives`/`max_negatives` shrink automatically on small databases (at most
-    Nd random negatives, at most Nd/10 mined ones).
-    """
-
-    loss: str = "triplet"
-    epochs: int = 5
-    lr: float = 1e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    lr_step_epochs: int = 5
-    batch_size: int = 4
-    cache_refresh: int = 1000
-    random_negatives: int = 1000
-    max_negatives: int = 10
-    margin: float = 0.1
-    soft_sigma_m: float = 10.0
-    soft_temperature: float = 0.1
-    soft_positives: int = 4
-    rsw_alpha: float = 0.5
-    rsw_k1: float = 0.25
-    rsw_k2: float = 2.0
-    rsw_temperature: float = 16.0
-    seed: int = 0
-    amp: bool | None = None
-    channels_last: bool = True
-    train_blocks: int | None = None
-    workers: int = 0
-    eval_batch_size: int = 16
-    deterministic: bool = True
-
-    def validate(self) -> None:
-        checks = [
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.epochs >= 1 and self.batch_size >= 1 and self.cache_refresh >= 1, "epochs, batch size and cache refresh must be >= 1"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight decay >= 0"),
-            (self.random_negatives >= 0 and self.max_negatives >= 1, "random negatives must be >= 0, max negatives >= 1"),
-            (self.train_blocks is None or self.train_blocks >= -1, "train_blocks must be -1 (all), 0 or more"),
-            (self.workers >= 0 and self.eval_batch_size >= 1 and self.lr_step_epochs >= 1, "bad workers/eval batch/step epochs"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None → cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return device
 
 
 def freeze_backbone(model: NetVLADModel, train_blocks: int) -> list[nn.Module]:
@@ -138,16 +64,6 @@ def freeze_backbone(model: NetVLADModel, train_blocks: int) -> list[nn.Module]:
     for block in frozen:
         block.requires_grad_(False)
     return frozen
-
-
-def dataset_fingerprint(dataset: PlaceDataset) -> str:
-    """sha256 of a dataset's image lists, positions and place ids (resume refuses another dataset)."""
-    digest = hashlib.sha256()
-    for part in (dataset.db_images, dataset.q_images):
-        digest.update("\n".join(part).encode())
-    for array in (dataset.db_utm, dataset.q_utm, dataset.db_place_ids, dataset.q_place_ids):
-        digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -180,7 +96,7 @@ class _StepImages(Dataset):
 class Trainer:
     """Trains `model` on `train_set`, validating on `val_set` (default: `train_set`), writing into `out`.
 
-    Use `fit()`; `Trainer.resume(out, …)` rebuilds a trainer from `out/checkpoint.pt`. The model
+    Use `fit()`; `Trainer.resume(out, …)` rebuilds a trainer from the run state in `out`. The model
     is moved to the device (and to channels_last) in place. Queries without a potential positive
     are skipped and listed in `skipped` (file and row of each); `num_random` and `max_negatives`
     are the mining sizes after scaling to the database.
@@ -197,7 +113,6 @@ class Trainer:
         progress: bool = True,
     ):
         config = config if config is not None else TrainConfig()
-        config.validate()
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         config = replace(config, amp=cuda if config.amp is None else config.amp,
@@ -234,7 +149,7 @@ class Trainer:
         self.batch_size = min(config.batch_size, len(self.queries))
 
         torch.manual_seed(config.seed)  # the RSW proxies' initialisation
-        self.objective = self._objective().to(self.device)
+        self.objective = build_objective(config, train_set, self.model.dim, self.max_negatives).to(self.device)
         self.miner = HardNegativeMiner(
             potential, train_set.positives(), num_db, self.num_random, self.max_negatives, config.margin,
             max_positives=self.objective.max_positives, violating_only=self.objective.violating_only,
@@ -248,14 +163,6 @@ class Trainer:
         self._described: dict[int, tuple[int, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ setup
-
-    def _objective(self) -> nn.Module:
-        c = self.config
-        if c.loss == "triplet":
-            return TripletObjective(c.margin, self.max_negatives)
-        if c.loss == "soft":
-            return SoftObjective(self.train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
-        return RSWObjective(self.train_set, self.model.dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -401,40 +308,12 @@ class Trainer:
         if not self.best or recall[1] > self.best["recall@1"]:
             self.best = {"epoch": self.epoch, "recall@1": recall[1]}
             save_model(self.model, self.out / BEST_MODEL)
-        self.save_checkpoint()
+        save_run_state(self)
         self.record.write(self.out)
         if self.progress:
             tqdm.write(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != ""))
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self) -> Path:
-        """Write `out/checkpoint.pt` atomically (temp file + rename)."""
-        np_state = np.random.get_state()
-        payload = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "epoch": self.epoch, "step": self.step, "best": dict(self.best),
-            "train_config": asdict(self.config),
-            "dataset": dataset_fingerprint(self.train_set),
-            "model": {"config": self.model.config.to_dict(),
-                      "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
-            "objective": {k: v.detach().cpu() for k, v in self.objective.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "miner": self.miner.state_dict(),
-            "record": self.record.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-                "python": random.getstate(),
-            },
-        }
-        path = self.out / CHECKPOINT
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        return path
+    # ------------------------------------------------------------------ resume
 
     @classmethod
     def resume(
@@ -447,47 +326,17 @@ class Trainer:
         epochs: int | None = None,
         workers: int | None = None,
     ) -> "Trainer":
-        """A trainer continuing the run in `out` from its checkpoint; `epochs` may raise the total
+        """A trainer continuing the run in `out` from its run state; `epochs` may raise the total
         (the LR schedule then stretches to it), `workers` and `device` may change."""
-        payload = read_checkpoint(Path(out) / CHECKPOINT)
-        if payload["dataset"] != dataset_fingerprint(train_set):
-            raise DatasetError(f"{Path(out) / CHECKPOINT}: was trained on another dataset than {train_set.root}")
+        payload = read_run_state(out)
+        check_dataset(payload, out, train_set)
         config = TrainConfig.from_dict(payload["train_config"])
-        if epochs is not None:
-            if epochs < payload["epoch"]:
-                raise ValueError(f"--epochs {epochs} is below the {payload['epoch']} epochs already trained")
-            config.epochs = epochs
-        if workers is not None:
-            config.workers = workers
+        if epochs is not None and epochs < payload["epoch"]:
+            raise ConfigError(f"epochs {epochs} is below the {payload['epoch']} epochs already trained")
+        config = replace(config, epochs=config.epochs if epochs is None else epochs,
+                         workers=config.workers if workers is None else workers)
         model = NetVLADModel(ModelConfig.from_dict(payload["model"]["config"]))
         model.load_state_dict(payload["model"]["state_dict"])
         trainer = cls(model, train_set, out, config, val_set, device, progress)
-        trainer.objective.load_state_dict(payload["objective"])
-        trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.scheduler.load_state_dict(payload["scheduler"])
-        trainer.miner.load_state_dict(payload["miner"])
-        trainer.record.load_state_dict(payload["record"])
-        trainer.epoch, trainer.step, trainer.best = payload["epoch"], payload["step"], dict(payload["best"])
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(rng["python"])
+        restore_run_state(trainer, payload)
         return trainer
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load and check a training checkpoint (ModelFileError when missing or not one)."""
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no checkpoint to resume from")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "unreadable"
-        raise ModelFileError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(f"{path}: not a netvlad training checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ModelFileError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
-    return payload

@@ -1,4 +1,4 @@
-"""The three training objectives on mined tuples (DESIGN §2.3).
+"""The three training objectives on mined tuples (docs/design.md, "Objectives").
 
 Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their images (query
 (B, D); per tuple its positives then negatives, (P_b + M_b, D)) into a scalar loss:
@@ -20,9 +20,8 @@ from torch import Tensor, nn
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import DatasetError
 from netvlad.losses import RealignedSoftmaxWarpingLoss, SoftLabelCrossEntropy, TripletRankingLoss, geo_soft_labels
+from training.config import TrainConfig
 from training.mining import MinedTuple
-
-LOSSES = ("triplet", "soft", "rsw")
 
 
 def _padded(candidates: Sequence[Tensor], start: int, stop: int | None) -> tuple[Tensor, Tensor]:
@@ -106,3 +105,14 @@ class RSWObjective(nn.Module):
     def param_groups(self, parameters, lr: float) -> list[dict]:
         """The model's parameters at `lr`, the proxies at a larger rate."""
         return self.loss.param_groups(parameters, lr)
+
+
+def build_objective(config: TrainConfig, train_set: PlaceDataset, dim: int, max_negatives: int) -> nn.Module:
+    """The objective `config.loss` names, with its settings; `dim` is the descriptor size (RSW
+    proxies), `max_negatives` the mining size after scaling to the database."""
+    c = config
+    if c.loss == "triplet":
+        return TripletObjective(c.margin, max_negatives)
+    if c.loss == "soft":
+        return SoftObjective(train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
+    return RSWObjective(train_set, dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature)
