@@ -3,7 +3,7 @@
 Resize policy: keep the aspect ratio and scale so the longer side is `max_side` pixels (up or down),
 unless a fixed `size=(H, W)` is given (then the photo is resized to exactly that, aspect not kept).
 
-Input modes (DESIGN §6):
+Input modes (docs/design.md §5):
 - ``"rgb"``: RGB scaled to [0, 1] then normalised with per-channel `mean`/`std` (ImageNet's by default),
   as torchvision's pretrained weights expect;
 - ``"grey"``: luminance, standardised per image (zero mean, unit variance), copied to 3 channels —
@@ -13,6 +13,7 @@ Input modes (DESIGN §6):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from PIL import Image
@@ -22,7 +23,8 @@ from netvlad.imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_MODES = ("rgb", "grey")
+InputMode = Literal["rgb", "grey"]
+INPUT_MODES: tuple[str, ...] = get_args(InputMode)
 
 
 def resized_shape(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -348,7 +348,7 @@ def test_mat_errors(tmp_path: Path):
     with pytest.raises(DatasetError, match=r"junk\.mat"):
         load_place_dataset(tmp_path / "junk.mat")
     scipy.io.savemat(tmp_path / "other.mat", {"x": np.eye(2)})
-    with pytest.raises(DatasetError, match="no struct variable 'dbStruct'"):
+    with pytest.raises(DatasetError, match=r"no variable 'dbStruct' in the MATLAB file \(found: x\)"):
         load_place_dataset(tmp_path / "other.mat")
     scipy.io.savemat(tmp_path / "partial.mat", {"dbStruct": {"dbImage": np.array(["a.jpg"], dtype=object), "utmDb": np.zeros((2, 1))}})
     with pytest.raises(DatasetError, match="lacks field.*qImage, utmQ"):

@@ -18,7 +18,7 @@ from netvlad.losses import (
     soft_cross_entropy,
 )
 
-# ---------------------------------------------------------------- reducers
+# ---------------------------------------------------------------- reduction and distances
 
 
 def test_reduce_loss_modes_and_mask():

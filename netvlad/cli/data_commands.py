@@ -21,7 +21,7 @@ _DEFAULTS = PlacesetConfig()
 
 @app.command("fetch-photos")
 def fetch_photos(
-    dest: Annotated[Path, typer.Argument(help="Folder to collect the photos in (created if missing).")],
+    dest: Annotated[Path, typer.Argument(file_okay=False, help="Folder to collect the photos in (created if missing).")],
     debian: Annotated[bool, typer.Option(help="Also fetch the photos in the approved Debian wallpaper packages.")] = True,
     max_side: Annotated[int, typer.Option(min=64, help="Longest side of the stored photos, pixels.")] = 1600,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -52,7 +52,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 @app.command("make-placeset")
 def make_placeset_command(
     photos: Annotated[list[Path], typer.Argument(help="Source photos, or folders of photos.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (must be new or empty, see --overwrite).")],
+    out: Annotated[Path, typer.Option("--out", file_okay=False, help="Output folder (must be new or empty, see --overwrite).")],
     crop_size: Annotated[int, typer.Option(min=1, help="Crop width in source pixels.")] = _DEFAULTS.crop_size,
     stride: Annotated[int, typer.Option(min=1, help="Grid step between database crops, source pixels.")] = _DEFAULTS.stride,
     queries_per_photo: Annotated[int, typer.Option(min=0, help="Queries rendered per source photo.")] = _DEFAULTS.queries_per_photo,

@@ -3,49 +3,41 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import typer
 
 from netvlad.backbones import BACKBONES
-from netvlad.checkpoints import import_checkpoint
 from netvlad.cli.app import app
 from netvlad.imageio import find_photos
 from netvlad.initialization import init_model
 from netvlad.model import build_model
 from netvlad.modelfile import load_model, save_model
-from netvlad.transforms import INPUT_MODES
+from netvlad.published import import_checkpoint
+from netvlad.transforms import InputMode
 
-log = logging.getLogger(__name__)
-
-
-def _choice(value: str, allowed, option: str) -> str:
-    if value not in allowed:
-        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(allowed)}", param_hint=option)
-    return value
+#: The `--backbone` choices: the names in `BACKBONES`.
+Backbone = Literal[tuple(BACKBONES)]
 
 
 @app.command("init")
 def init_command(
-    images: list[Path] = typer.Argument(..., help="Photos or folders of photos to sample local features from."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file to write."),
-    backbone: str = typer.Option("resnet18-layer3", help=f"One of: {', '.join(BACKBONES)}."),
-    clusters: int = typer.Option(64, min=1, help="K, NetVLAD clusters."),
-    ghost_clusters: int = typer.Option(0, min=0, help="GhostVLAD clusters (dropped from the output)."),
-    whitening_dim: Optional[int] = typer.Option(None, min=1, help="Learn PCA-whitening to this many dims."),
-    input_mode: str = typer.Option("rgb", help="rgb (ImageNet normalisation) or grey (per-image standardised)."),
-    max_side: int = typer.Option(640, min=32, help="Resize so the longer side has this many pixels."),
-    pretrained: bool = typer.Option(True, help="Start from ImageNet weights when they can be loaded."),
-    weights: Optional[Path] = typer.Option(None, help="Backbone state dict file (torchvision layout)."),
-    per_image: int = typer.Option(200, min=1, help="Local features sampled per photo for k-means."),
-    seed: int = typer.Option(0, help="Seed for sampling and k-means."),
+    images: Annotated[list[Path], typer.Argument(help="Photos or folders of photos to sample local features from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
+    backbone: Annotated[Backbone, typer.Option(help="Torchvision network and the layer it is cut at.")] = "resnet18-layer3",
+    clusters: Annotated[int, typer.Option(min=1, help="K, NetVLAD clusters.")] = 64,
+    ghost_clusters: Annotated[int, typer.Option(min=0, help="GhostVLAD clusters (dropped from the output).")] = 0,
+    whitening_dim: Annotated[Optional[int], typer.Option(min=1, help="Learn PCA-whitening to this many dims.")] = None,
+    input_mode: Annotated[InputMode, typer.Option(help="rgb (ImageNet normalisation) or grey (per-image standardised).")] = "rgb",
+    max_side: Annotated[int, typer.Option(min=32, help="Resize so the longer side has this many pixels.")] = 640,
+    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights when they can be loaded.")] = True,
+    weights: Annotated[Optional[Path], typer.Option(help="Backbone state dict file (torchvision layout).")] = None,
+    per_image: Annotated[int, typer.Option(min=1, help="Local features sampled per photo for k-means.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and k-means.")] = 0,
 ) -> None:
     """Build a model and initialise its NetVLAD layer by k-means on local features of real photos."""
-    _choice(backbone, BACKBONES, "--backbone")
-    _choice(input_mode, INPUT_MODES, "--input-mode")
     photos = find_photos(images)
     if len(photos) < 1:
         raise typer.BadParameter("no photos found", param_hint="IMAGES")
@@ -61,11 +53,11 @@ def init_command(
 
 @app.command("describe")
 def describe_command(
-    images: list[Path] = typer.Argument(..., help="Photos (or folders) to describe."),
-    model_path: str = typer.Option("default", "--model", "-m", help="Model file, or 'default'."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every descriptor."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the (N, dim) float32 array (.npy)."),
-    batch_size: int = typer.Option(16, min=1),
+    images: Annotated[list[Path], typer.Argument(help="Photos (or folders) to describe.")],
+    model_path: Annotated[str, typer.Option("--model", "-m", help="Model file, or 'default'.")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every descriptor.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also save the (N, dim) float32 array (.npy).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
 ) -> None:
     """Compute the global descriptor of each photo."""
     model = load_model(model_path)
@@ -86,11 +78,10 @@ def describe_command(
 
 @app.command("import-checkpoint")
 def import_checkpoint_command(
-    checkpoint: Path = typer.Argument(..., help="pytorch-NetVlad checkpoint.pth.tar or MATLAB NetVLAD .mat file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file to write."),
-    trust: bool = typer.Option(
-        False, help="Fully unpickle a torch checkpoint that stores Python objects (only for files you trust)."
-    ),
+    checkpoint: Annotated[Path, typer.Argument(help="pytorch-NetVlad checkpoint.pth.tar or MATLAB NetVLAD .mat file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
+    trust: Annotated[bool, typer.Option(
+        help="Fully unpickle a torch checkpoint that stores Python objects (only for files you trust).")] = False,
 ) -> None:
     """Convert a published NetVLAD checkpoint into a netvlad model file."""
     model = import_checkpoint(checkpoint, trust=trust)

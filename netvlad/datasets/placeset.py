@@ -1,4 +1,4 @@
-"""Place datasets: database and query images with metric positions (DESIGN §3).
+"""Place datasets: database and query images with metric positions (docs/design.md §6.3).
 
 On disk a place dataset is either a folder with `database.csv` and `queries.csv` (columns
 `image,easting,northing` in metres, or `image,lat,lon` in WGS 84 degrees, optional integer
@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from netvlad.datasets import groundtruth
-from netvlad.datasets.matfile import read_dbstruct
+from netvlad.datasets.dbstruct import read_dbstruct
 from netvlad.errors import DatasetError
 
 DATABASE_CSV = "database.csv"

@@ -1,6 +1,7 @@
 """Training objectives: NetVLAD triplet ranking, soft-label cross entropy, RSW proxy loss."""
 
-from netvlad.losses.reducers import Reduction, reduce_loss, squared_distances
+from netvlad.losses.distances import squared_distances
+from netvlad.losses.reduction import Reduction, reduce_loss
 from netvlad.losses.rsw import RealignedSoftmaxWarpingLoss
 from netvlad.losses.soft_label import SoftLabelCrossEntropy, geo_soft_labels, soft_cross_entropy
 from netvlad.losses.triplet import TripletRankingLoss, select_violating_negatives

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from netvlad.losses.reducers import Reduction, check_reduction
+from netvlad.losses.reduction import Reduction, check_reduction
 
 
 class RealignedSoftmaxWarpingLoss(nn.Module):

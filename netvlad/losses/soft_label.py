@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from netvlad.losses.reducers import (
-    Reduction,
-    check_mask,
-    check_reduction,
-    reduce_loss,
-    squared_distances,
-)
+from netvlad.losses.distances import check_mask, squared_distances
+from netvlad.losses.reduction import Reduction, check_reduction, reduce_loss
 
 FORMS = ("pair", "listwise")
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from netvlad.losses.reducers import (
-    Reduction,
-    check_mask,
-    check_reduction,
-    reduce_loss,
-    squared_distances,
-)
+from netvlad.losses.distances import check_mask, squared_distances
+from netvlad.losses.reduction import Reduction, check_reduction, reduce_loss
 
 
 def select_violating_negatives(

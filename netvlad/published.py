@@ -1,4 +1,5 @@
-"""Import published NetVLAD models (DESIGN §3) as a `NetVLADModel` (backbone "vgg16").
+"""Import published NetVLAD models (checkpoints of pytorch-NetVlad and MatConvNet NetVLAD; see
+docs/design.md §6.2) as a `NetVLADModel` (backbone "vgg16").
 
 Two layouts are read:
 
@@ -17,8 +18,8 @@ Two layouts are read:
   (reorder descriptors computed in MATLAB before mixing them with ours). MATLAB feeds
   ``pixels − averageImage(1,1,:)`` in [0, 255]: our rgb mode with mean = avg/255, std = 1/255.
   The custom layers of the released files are MATLAB class objects that no Python reader can
-  decode: convert them to structs first (`MAT_CONVERSION_HINT`). v7 files are read with scipy,
-  v7.3 (HDF5) files with h5py.
+  decode: convert them to structs first (`MAT_CONVERSION_HINT`). Files are read by
+  `netvlad.matfile` (v7 with scipy, v7.3 with h5py).
 
 Safety: torch files are loaded with ``weights_only=True``, numpy scalars and arrays (as in
 pytorch-NetVlad's ``recalls``/``best_score``) allowed as plain data. A file needing any other Python
@@ -35,16 +36,14 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import h5py
 import numpy as np
-import scipy.io
 import torch
 from torch import nn
 
 from netvlad.backbones import BACKBONES
 from netvlad.errors import ModelFileError
+from netvlad.matfile import cells, read_mat_variable, text
 from netvlad.model import ModelConfig, NetVLADModel
 from netvlad.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -229,19 +228,6 @@ def read_pytorch_netvlad(path: str | os.PathLike, trust: bool = False) -> NetVLA
 # --------------------------------------------------------------------------- MatConvNet
 
 
-def _cells(value) -> list:
-    """A MATLAB cell array (as loaded, possibly squeezed) → list of its elements."""
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return list(value.ravel(order="F"))
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [] if value is None else [value]
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else "".join(np.asarray(value, dtype=str).ravel())
-
-
 @dataclass
 class _MatLayer:
     index: int
@@ -258,67 +244,18 @@ class _MatLayer:
         return getattr(self.raw, name, default)
 
 
-def _h5_value(node, file: h5py.File):
-    """A MATLAB v7.3 (HDF5) value → what scipy's loadmat(squeeze_me, struct_as_record=False) gives."""
-    matlab_class = node.attrs.get("MATLAB_class", b"")
-    matlab_class = matlab_class.decode() if isinstance(matlab_class, bytes) else str(matlab_class)
-    if isinstance(node, h5py.Group):
-        if matlab_class != "struct":
-            raise ModelFileError(f"{file.filename}: '{node.name}' is a MATLAB '{matlab_class}' object, not a struct; "
-                                 + MAT_CONVERSION_HINT)
-        return SimpleNamespace(**{key: _h5_value(node[key], file) for key in node})
-    if node.attrs.get("MATLAB_empty", 0):
-        return "" if matlab_class == "char" else np.empty(0, dtype=object if matlab_class == "cell" else float)
-    data = node[()]
-    if h5py.check_ref_dtype(node.dtype) is not None:  # cell array (or fields of a struct array)
-        refs = np.asarray(data).T  # HDF5 stores MATLAB arrays with their axes reversed
-        cells = np.empty(refs.shape, dtype=object)
-        for idx in np.ndindex(refs.shape):
-            cells[idx] = _h5_value(file[refs[idx]], file)
-        return np.squeeze(cells)
-    if matlab_class == "char":
-        return "".join(chr(c) for c in np.asarray(data).ravel())
-    if matlab_class not in {"single", "double", "logical", "int8", "uint8", "int16", "uint16", "int32", "uint32",
-                            "int64", "uint64"}:
-        raise ModelFileError(f"{file.filename}: '{node.name}' is a MATLAB '{matlab_class}' value; "
-                             + MAT_CONVERSION_HINT)
-    array = np.squeeze(np.asarray(data).T)
-    return array.astype(bool) if matlab_class == "logical" else array
-
-
-def _load_mat_net(path: Path):
-    """The `net` struct of a MatConvNet file, v7 (scipy) or v7.3 (h5py)."""
-    if h5py.is_hdf5(path):
-        try:
-            with h5py.File(path, "r") as file:
-                if "net" not in file:
-                    found = ", ".join(k for k in file if not k.startswith("#"))
-                    raise ModelFileError(f"{path}: no variable 'net' in the MATLAB file (found: {found})")
-                return _h5_value(file["net"], file)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelFileError(f"{path}: unreadable MATLAB v7.3 file ({exc})") from None
-    try:
-        content = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=["net"])
-    except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError… for bad files
-        raise ModelFileError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
-    if "net" not in content:
-        found = ", ".join(name for name, _, _ in scipy.io.whosmat(path))
-        raise ModelFileError(f"{path}: no variable 'net' in the MATLAB file (found: {found or 'nothing'})")
-    return content["net"]
-
-
 def _mat_layers(path: Path, net) -> list[_MatLayer]:
     if not hasattr(net, "layers"):
         raise ModelFileError(f"{path}: 'net' has no 'layers' (not a MatConvNet simplenn network)")
     layers = []
-    for index, raw in enumerate(_cells(net.layers)):
+    for index, raw in enumerate(cells(net.layers)):
         if not hasattr(raw, "type"):
             raise ModelFileError(
                 f"{path}: layer {index + 1} is a MATLAB class object ({type(raw).__name__}) that cannot be "
                 "read from Python; " + MAT_CONVERSION_HINT
             )
-        weights = [np.asarray(w) for w in _cells(getattr(raw, "weights", None))]
-        layers.append(_MatLayer(index, _text(raw.type), _text(getattr(raw, "name", "")), weights, raw))
+        weights = [np.asarray(w) for w in cells(getattr(raw, "weights", None))]
+        layers.append(_MatLayer(index, text(raw.type), text(getattr(raw, "name", "")), weights, raw))
     return layers
 
 
@@ -371,7 +308,7 @@ def _backbone_tensors(path: Path, layers: list[_MatLayer], backbone: nn.Sequenti
         )
     for layer in layers:
         if layer.type == "pool" and (
-            _text(layer.field("method", "max")) != "max"
+            text(layer.field("method", "max")) != "max"
             or np.any(np.asarray(layer.field("pool", 2)) != 2)
             or np.any(np.asarray(layer.field("stride", 2)) != 2)
             or np.any(np.asarray(layer.field("pad", 0)) != 0)
@@ -454,7 +391,7 @@ def _whitening_tensors(path: Path, core: _MatLayer, tail: list[_MatLayer], clust
 def read_matconvnet(path: str | os.PathLike) -> NetVLADModel:
     """MatConvNet NetVLAD network (Relja/netvlad, layers converted to structs) → model; see the module docstring."""
     path = Path(path)
-    net = _load_mat_net(path)
+    net = read_mat_variable(path, "net", ModelFileError, MAT_CONVERSION_HINT)
     layers = _mat_layers(path, net)
     core = next((layer for layer in layers if layer.type == "custom" and len(layer.weights) in (2, 3)), None)
     if core is None:

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import models
 from torchvision.transforms import functional as TF
 
-from netvlad.checkpoints import import_checkpoint
+from netvlad.published import import_checkpoint
 from netvlad.errors import ModelFileError
 from netvlad.imageio import load_image
 from netvlad.modelfile import load_model, save_model
