@@ -1,4 +1,4 @@
-"""Extraction benchmark (DESIGN §5): end-to-end images/s of `netvlad index` ÷ backbone-only
+"""Extraction benchmark (docs/design.md §7): end-to-end images/s of `netvlad index` ÷ backbone-only
 images/s on the same decoded tensors.
 
 * end-to-end — `netvlad.indexing.index_folder` on a fresh index folder, exactly what

@@ -1,4 +1,4 @@
-"""faiss index benchmark (DESIGN §5): the index type `netvlad` chooses for N descriptors against
+"""faiss index benchmark (docs/design.md §7): the index type `netvlad` chooses for N descriptors against
 exact search — recall@10, queries/s and bytes per image.
 
 Data: synthetic clustered descriptors standing in for NetVLAD's. `N / views` places, each a

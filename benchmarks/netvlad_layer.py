@@ -1,4 +1,4 @@
-"""NetVLAD layer benchmark (DESIGN §2.1, §5): forward+backward time and peak memory of our two-matmul
+"""NetVLAD layer benchmark (docs/design.md §2, §7): forward+backward time and peak memory of our two-matmul
 `netvlad.pooling.NetVLAD` against two references that compute the same function:
 
 * loop — one (N, 1, D, HW) residual per cluster, weighted and summed inside a Python loop over the K

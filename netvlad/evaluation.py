@@ -1,7 +1,7 @@
 """Place-recognition evaluation: Recall@N by exact faiss search, timing, per-query results and plots.
 
 A query counts as recalled at N when at least one of its N most similar database descriptors
-is a positive, i.e. a database image within the dataset's positive radius (DESIGN §3).
+is a positive, i.e. a database image within the dataset's positive radius (docs/design.md §6.3).
 Similarity is the cosine: exact inner-product search (`faiss.IndexFlatIP`) on L2-normalised
 rows, which ranks unit-norm descriptors exactly as Euclidean distance does, and ranks a zero
 descriptor (e.g. a photo without keypoints) neutrally instead of next to everything. Queries

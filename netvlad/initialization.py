@@ -1,5 +1,5 @@
 """Initialising a model from real photos: BatchNorm recalibration, k-means centres and α,
-optional PCA-whitening (DESIGN §2.1, §6)."""
+optional PCA-whitening (docs/design.md §2, §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model files (DESIGN §3): one `torch.save` dict with format name, version, config and state dict.
+"""Model files (docs/design.md §6.1): one `torch.save` dict with format name, version, config and state dict.
 
     {"format": "netvlad-model", "version": 1, "config": {...ModelConfig...}, "state_dict": {...}}
 

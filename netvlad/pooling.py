@@ -1,4 +1,4 @@
-"""The NetVLAD pooling layer (DESIGN §2.1), with optional GhostVLAD clusters.
+"""The NetVLAD pooling layer (docs/design.md §2), with optional GhostVLAD clusters.
 
 Soft assignment of each local feature x_i to cluster k is ``softmax_k(w_kᵀx_i + b_k)`` computed by a
 1×1 convolution; with ``w_k = 2αc_k`` and ``b_k = −α‖c_k‖²`` it equals ``exp(−α‖x_i − c_k‖²)``

@@ -1,4 +1,4 @@
-"""Soft order statistics: differentiable max/min/abs/sign/median/quantile/remedian (DESIGN §2.2).
+"""Soft order statistics: differentiable max/min/abs/sign/median/quantile/remedian (docs/design.md §3).
 
 Every operator takes a sharpness ``alpha`` (α > 0) in **inverse units of x**: ``alpha * x`` is
 dimensionless, so rescaling x by s and α by 1/s rescales the result by s. The soft operator is
@@ -159,7 +159,7 @@ def softmedian(
 
     ``method="rank"``: soft ranks r_j = Σ_i softsign_α(x_j − x_i) (0 at the median), weights
     softargmin_{rank_alpha}(r_j²). ``rank_alpha`` is the sharpness of that selection in
-    1/count² (dimensionless); it defaults to α's value as in DESIGN §2.2 — pass it explicitly
+    1/count² (dimensionless); it defaults to α's value as in docs/design.md §3 — pass it explicitly
     when x is in large units (small α), or the selection spreads over many ranks.
     ``method="deviation"``: weights softargmin_α(Σ_i softabs_α(x_i − x_j)), all in x's units.
     Result ⟨x, w⟩. Limit α → ∞: torch.median for odd n, torch.quantile(x, 0.5) for even n.
@@ -231,7 +231,7 @@ def weighted_softmedian(x: Tensor, weights: Tensor, dim: int = -1, alpha: float 
 def _pad_for_quantile(x: Tensor, q: float, alpha: float) -> Tensor:
     """Insert round(|1−2q|(n−1)) copies of softmin (q < ½) or softmax (q > ½) of the last dim.
 
-    The median of the padded row is the q-quantile of x (exactly for hard α; DESIGN §2.2 pads
+    The median of the padded row is the q-quantile of x (exactly for hard α; docs/design.md §3 pads
     |1−2q|·n, we use n−1 so the hard limit matches torch.quantile). The remedian assumes a
     random order, so the pads go to random positions (a fixed-seed, hence reproducible, random
     merge that keeps x's order): appended as a run they would make the remedian return a
@@ -264,7 +264,7 @@ def softremedian(
     block by its soft median (``method``/``rank_alpha`` as in :func:`softmedian`); the last,
     partial block is padded but the padding is masked out (ignored), so it yields the median of
     its own values. Levels repeat until at most ``block`` values remain, whose soft median is
-    returned. For q ≠ ½ the row is first padded per DESIGN §2.2 (see ``_pad_for_quantile``)
+    returned. For q ≠ ½ the row is first padded per docs/design.md §3 (see ``_pad_for_quantile``)
     with copies of one value; those ties need the deviation form (the default), and
     ``method="rank"`` is refused for q ≠ ½.
     For hard α this is the median of medians (even-sized groups give the mean of their two

@@ -130,7 +130,7 @@ def test_init_from_features_kmeans_and_alpha():
     kmeans = faiss.Kmeans(16, 8, niter=20, seed=1, max_points_per_centroid=100_000)
     kmeans.train(features)
     assert np.allclose(np.sort(found, axis=0), np.sort(kmeans.centroids, axis=0), atol=1e-5)
-    # α from squared distances to the two nearest centres (DESIGN §2.1), not neighbour indices
+    # α from squared distances to the two nearest centres (docs/design.md §2), not neighbour indices
     d2 = np.sort(((features[:, None] - found[None]) ** 2).sum(-1), axis=1)
     expected = math.log(ASSIGNMENT_RATIO) / np.mean(d2[:, 1] - d2[:, 0])
     assert alpha == pytest.approx(expected, rel=1e-3)

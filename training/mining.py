@@ -1,4 +1,4 @@
-"""Hard-negative mining from a descriptor cache (DESIGN §2.3).
+"""Hard-negative mining from a descriptor cache (docs/design.md §4).
 
 The cache holds database (Nd, D) and query (Nq, D) descriptors computed by the model at the last
 `refresh` (the training loop refreshes it every `--cache-refresh` queries). For a query, the best

@@ -1,4 +1,4 @@
-"""The three training objectives on mined tuples (docs/design.md, "Objectives").
+"""The three training objectives on mined tuples (docs/design.md §4).
 
 Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their images (query
 (B, D); per tuple its positives then negatives, (P_b + M_b, D)) into a scalar loss:

@@ -1,4 +1,4 @@
-"""Baselines the trained model is measured against (DESIGN §5): RootSIFT-VLAD and an untrained
+"""Baselines the trained model is measured against (docs/design.md §7): RootSIFT-VLAD and an untrained
 NetVLAD of the same architecture, both fitted on the evaluated dataset's database photos."""
 
 from __future__ import annotations

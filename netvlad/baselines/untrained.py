@@ -21,7 +21,7 @@ def untrained_netvlad(
 ) -> NetVLADModel:
     """A model with `config`'s backbone, K, ghost clusters, input mode and input size, random
     backbone weights (seeded), BatchNorm recalibrated and NetVLAD k-means-initialised on
-    `images` (DESIGN §6) — no training, no ImageNet weights, no whitening."""
+    `images` (docs/design.md §5) — no training, no ImageNet weights, no whitening."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(
