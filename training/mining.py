@@ -139,7 +139,7 @@ class HardNegativeMiner:
         return (self.db_desc[torch.as_tensor(db_indices)] - q).pow(2).sum(dim=1)
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to mine exactly as before: the hard-negative cache and counters."""
+        """What the run state needs to mine exactly as before: the hard-negative cache and counters."""
         return {
             "hard_negatives": torch.from_numpy(self.hard_negatives.copy()),
             "refreshes": self.refreshes,

@@ -1,6 +1,6 @@
 """The training run's record: one CSV row per epoch (`log.csv`) and loss/recall curves
 (`curves.png`, matplotlib's Agg canvas: no display needed). Both are rewritten from the record
-kept in the checkpoint, so a resumed run's files never hold rows of an abandoned attempt."""
+kept in the run state, so a resumed run's files never hold rows of an abandoned attempt."""
 
 from __future__ import annotations
 
