@@ -20,6 +20,7 @@ import asyncio
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,9 @@ import netvlad
 from netvlad.datasets.photos import collect_photos
 from netvlad.errors import ModelFileError
 from netvlad.index import Index
-from service.process import ServiceProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from server_process import ServiceProcess  # noqa: E402  (the tests' server harness)
 
 LEVELS = (1, 4, 16)
 

@@ -19,6 +19,18 @@ class ImageError(NetVLADError):
         return type(self), (self.source, self.reason)
 
 
+class NotAnImageError(ImageError):
+    """Bytes that are no image format the decoder reads."""
+
+
+class TooManyPixelsError(ImageError):
+    """An image over the pixel limit (refused from its header: decompression bombs)."""
+
+
+class CorruptImageError(ImageError):
+    """An image file that is empty, truncated or damaged."""
+
+
 class ModelFileError(NetVLADError):
     """A model file is missing, unreadable, of another version, or does not match its config."""
 

@@ -20,7 +20,7 @@ from typing import BinaryIO, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from netvlad.errors import ImageError
+from netvlad.errors import CorruptImageError, ImageError, NotAnImageError, TooManyPixelsError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
 
@@ -62,40 +62,46 @@ def _reduce_loaded(image: Image.Image, reduce_to: int) -> Image.Image:
     return image.reduce(factor)
 
 
-def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+               name: str | None = None) -> Image.Image:
     """Read the header of `source` (path, bytes or file object): the lazy `PIL.Image` whose `size`
     is what decoding will produce (a reduced scale already chosen, see `load_image`). Refuses with
     `ImageError` a missing, empty or unreadable file and more than `max_pixels` (width × height of
     the stored picture: decompression bombs never reach the decoder). Decode it with
-    `decode_image`; a path or bytes source is read until then."""
-    name = _describe(source)
+    `decode_image`; a path or bytes source is read until then. `name` names it in errors
+    (default: the path, or "upload" for bytes)."""
+    name = name or _describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ImageError(name, "no such file")
         if path.stat().st_size == 0:
-            raise ImageError(name, "empty file (0 bytes)")
+            raise CorruptImageError(name, "empty file (0 bytes)")
         handle: str | os.PathLike | BinaryIO = path  # Pillow opens it and closes it once decoded
     elif isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageError(name, "empty (0 bytes)")
+            raise CorruptImageError(name, "empty (0 bytes)")
         handle = io.BytesIO(source)
     else:
         handle = source
+        start = handle.tell()
+        if handle.seek(0, io.SEEK_END) == start:
+            raise CorruptImageError(name, "empty (0 bytes)")
+        handle.seek(start)
     try:
         with warnings.catch_warnings():
             # Pillow warns, then errors, at its own bomb limit; ours is applied explicitly below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image, or a format that cannot be read (JPEG, PNG, WebP, TIFF, BMP, GIF are)") from None
+        raise NotAnImageError(name, "not an image, or a format that cannot be read (JPEG, PNG, WebP, TIFF, BMP, GIF are)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(name, f"too many pixels ({exc})") from None
+        raise TooManyPixelsError(name, f"too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(name, f"corrupt or truncated image ({exc})") from None
+        raise CorruptImageError(name, f"corrupt or truncated image ({exc})") from None
     if image.width * image.height > max_pixels:
         image.close()
-        raise ImageError(name, f"{image.width}×{image.height} = {image.width * image.height:,} pixels is more "
+        raise TooManyPixelsError(name, f"{image.width}×{image.height} = {image.width * image.height:,} pixels is more "
                                f"than the limit of {max_pixels:,} pixels")
     if reduce_to is not None:
         _reduce_on_open(image, reduce_to)
@@ -116,7 +122,7 @@ def decode_image(image: Image.Image, reduce_to: int | None = None, name: str = "
                 image.close()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         image.close()
-        raise ImageError(name, f"corrupt or truncated image ({exc})") from None
+        raise CorruptImageError(name, f"corrupt or truncated image ({exc})") from None
     try:
         decoded = ImageOps.exif_transpose(decoded)
     except (OSError, ValueError, SyntaxError, TypeError):
@@ -136,7 +142,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, reduce
     """
     if isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
-            raise ImageError("image", f"{source.width}×{source.height} pixels is more than the limit of {max_pixels:,}")
+            raise TooManyPixelsError("image", f"{source.width}×{source.height} pixels is more than the limit of {max_pixels:,}")
         try:
             source = ImageOps.exif_transpose(source)
         except (OSError, ValueError, SyntaxError, TypeError):

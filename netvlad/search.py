@@ -1,4 +1,4 @@
-"""Search results, multi-photo fusion and location estimate (DESIGN §2.2).
+"""Search results, multi-photo fusion and location estimate (soft order statistics: docs/design.md).
 
 Several query photos of one place are fused robustly: a database image's score is the soft median
 of its cosine similarities to each query photo, so one blurred, occluded or wrong photo among

@@ -1,8 +1,9 @@
 """`create_app(settings)`: the FastAPI app serving the REST API, the metrics and the web page.
 
-The lifespan opens the index folder with its model once (writable unless writes are disabled or
-another process holds the index's writer lock, then read-only), starts the micro-batcher, and on
-shutdown saves the faiss index (a cache of the catalog, which is already durable) and closes.
+The lifespan opens the index folder with its model once (writable unless writes are disabled, or
+else read-only with a log line when it cannot be written: another process holds its writer lock,
+the folder or its file system is read-only, or the disk is full), starts the micro-batcher, and
+on shutdown saves the faiss index (a cache of the catalog, which is already durable) and closes.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import netvlad
-from netvlad.errors import ImageError, IndexStoreError
+from netvlad.errors import DiskFullError, ImageError, IndexStoreError, MetadataError
 from netvlad.index import Index
 from service.batcher import MicroBatcher
 from service.deps import ServiceState
+from service.memory import return_large_blocks_to_os
 from service.metrics import Metrics, RequestMetrics
 from service.routers import images, search, status
 from service.settings import Settings
-from service.uploads import BodySizeLimit, body_limit
+from service.uploads import DecodeBudget, image_error_status
 
 log = logging.getLogger("netvlad.service")
 STATIC = Path(__file__).parent / "static"
@@ -38,7 +40,7 @@ def open_index(settings: Settings) -> Index:
     if settings.allow_writes:
         try:
             index = Index.open(settings.index_dir, settings.model, writable=True, device=settings.device)
-        except IndexStoreError as exc:
+        except (IndexStoreError, DiskFullError) as exc:
             try:
                 index = Index.open(settings.index_dir, settings.model, writable=False, device=settings.device)
             except IndexStoreError:
@@ -68,7 +70,8 @@ def load_state(settings: Settings, metrics: Metrics, compute: ThreadPoolExecutor
     name = f"{config.backbone} K={config.clusters}"
     log.info("serving %s (%d images) with %s, %d-d, on %s, micro-batching %s", settings.index_dir, len(index),
              name, model.dim, model.device, "on" if batching else "off")
-    return ServiceState(settings=settings, index=index, model_name=name, batcher=batcher, compute=compute)
+    return ServiceState(settings=settings, index=index, model_name=name, batcher=batcher, compute=compute,
+                        decode_budget=DecodeBudget(settings.decode_memory_bytes))
 
 
 def close_state(state: ServiceState) -> None:
@@ -76,21 +79,36 @@ def close_state(state: ServiceState) -> None:
     try:
         if state.index.writable:
             state.index.checkpoint()
+    except DiskFullError as exc:  # the catalog is durable already; the faiss file is only a cache
+        log.warning("faiss index not saved: %s", exc)
     finally:
         state.index.close()
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Library errors as JSON `{"detail": ...}` like FastAPI's own: a photo that does not decode is
-    the client's (422), an index that cannot be changed or read is the service's (503)."""
+    """Library errors as JSON `{"detail": ...}` like FastAPI's own, in one place: a photo that does
+    not decode or metadata that is invalid is the client's (413/415/422 by kind), an index that
+    cannot be changed or read is the service's (503), a full disk too (507)."""
+
+    def error(status: int, detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return error(image_error_status(exc), str(exc))
+
+    @app.exception_handler(MetadataError)
+    async def metadata_error(request: Request, exc: MetadataError) -> JSONResponse:
+        return error(422, str(exc))
 
     @app.exception_handler(IndexStoreError)
     async def index_error(request: Request, exc: IndexStoreError) -> JSONResponse:
-        return JSONResponse({"detail": f"index unavailable: {exc}"}, status_code=503)
+        return error(503, f"index unavailable: {exc}")
+
+    @app.exception_handler(DiskFullError)
+    async def disk_full(request: Request, exc: DiskFullError) -> JSONResponse:
+        log.error("%s", exc)
+        return error(507, "the server's disk is full: nothing was stored; try again later")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -100,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        return_large_blocks_to_os()
         compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netvlad-compute")
         try:
             state = await asyncio.get_running_loop().run_in_executor(compute, load_state, settings, metrics, compute)
@@ -122,7 +141,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = metrics
     app.state.service = None
-    app.add_middleware(BodySizeLimit, limit=body_limit(settings.max_upload_bytes, settings.max_query_images))
     app.add_middleware(RequestMetrics, metrics=metrics)
     install_error_handlers(app)
     app.include_router(search.router)

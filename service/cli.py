@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 import netvlad
 from netvlad.datasets.photos import collect_photos
@@ -22,6 +23,15 @@ from service.settings import Settings
 
 DEMO_DIR = Path("demo")
 PHOTOS_DIR = Path("data/photos")
+
+
+def load_settings(**given) -> Settings:
+    """Settings from `given`, NETVLAD_* variables and .env; one clear line when one is invalid."""
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"NETVLAD_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise NetVLADError(f"invalid setting: {problems}") from None
 
 
 def _run(settings: Settings, host: str, port: int) -> None:
@@ -90,8 +100,9 @@ def register(app: typer.Typer) -> None:
         """Serve the REST API and web page over an index. Other settings come from NETVLAD_*
         environment variables or .env (API key, limits, device, batching)."""
         read_manifest(index)  # a clear error now rather than a traceback from the server
+        settings = load_settings(index_dir=index, model=model)
         typer.echo(_banner(host, port, None))
-        _run(Settings(index_dir=index, model=model), host, port)
+        _run(settings, host, port)
 
     @app.command("demo")
     def demo_command(
@@ -108,4 +119,4 @@ def register(app: typer.Typer) -> None:
         (lat, lon), = lat_lon(places.q_utm[:1])
         typer.echo(_banner(host, port, (places.q_paths()[0], lat, lon)))
         if serve:
-            _run(Settings(index_dir=index_dir), host, port)
+            _run(load_settings(index_dir=index_dir), host, port)

@@ -2,7 +2,10 @@
 
 Auth policy: with no API key configured everything is open. With a key, writes (add, delete)
 need header ``X-API-Key: <key>``; reads (search, image records and files) stay open unless
-`protect_reads` is set. A missing or wrong key is a 401.
+`protect_reads` is set; the service description (/v1/info) and /metrics stay open unless
+`protect_status` is set (monitoring usually scrapes without a key); /healthz and /readyz are
+always open. A missing or wrong key is a 401. `service.guards` runs these checks before a
+request's body is read.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
@@ -20,6 +23,9 @@ from fastapi.security import APIKeyHeader
 from netvlad.index import Index
 from service.batcher import MicroBatcher
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.uploads import DecodeBudget
 
 T = TypeVar("T")
 
@@ -43,6 +49,7 @@ class ServiceState:
     model_name: str
     batcher: MicroBatcher
     compute: ThreadPoolExecutor
+    decode_budget: DecodeBudget
 
     async def run(self, function: Callable[..., T], *args) -> T:
         """`function(*args)` on the compute thread."""
@@ -83,5 +90,12 @@ def require_read_key(state: State, key: Annotated[str | None, Depends(api_key_he
         _check_key(state.settings, key, "reading from this service")
 
 
+def require_status_key(state: State, key: Annotated[str | None, Depends(api_key_header)]) -> None:
+    """Service description and metrics: open unless `protect_status` is set, then like writes."""
+    if state.settings.protect_status:
+        _check_key(state.settings, key, "reading the service's status")
+
+
 WriteAccess = Depends(require_write_key)
 ReadAccess = Depends(require_read_key)
+StatusAccess = Depends(require_status_key)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from netvlad.search import FUSIONS
 
 #: How the similarities of several query photos to one collection photo become its score:
-#: ``softmedian`` (robust to a bad query photo, DESIGN §2.2), ``mean`` or ``max``.
+#: ``softmedian`` (robust to a bad query photo, see docs/design.md), ``mean`` or ``max``.
 Fusion = Enum("Fusion", {name: name for name in FUSIONS}, type=str)
 DEFAULT_FUSION = Fusion(FUSIONS[0])
 
@@ -26,7 +26,8 @@ class ImageOut(BaseModel):
     id: int = Field(description="Image id (stable; never reused).")
     status: str = Field(description="pending, indexed, failed or removed.")
     name: str | None = Field(None, description="Display name (metadata `name`, else the file name).")
-    path: str | None = Field(None, description="Absolute path of its file on the server.")
+    path: str | None = Field(None, description="Its file, relative to the collection's photo folder (or "
+                             "`uploads/…` for photos added through the API); never a server path.")
     sha256: str
     size: int = Field(description="File size in bytes.")
     width: int | None = Field(None, description="Pixels, EXIF orientation applied.")
@@ -47,7 +48,7 @@ class SearchResult(BaseModel):
     score: float = Field(description="Cosine similarity to the query (fused over the query photos).")
     query_scores: list[float] = Field(description="Cosine similarity to each query photo, in upload order.")
     name: str | None = None
-    path: str | None = None
+    path: str | None = Field(None, description="Its file, relative to the collection (see ImageOut.path).")
     lat: float | None = None
     lon: float | None = None
     taken_at: str | None = None
@@ -97,7 +98,9 @@ class Info(BaseModel):
     writes_allowed: bool
     writes_need_key: bool
     reads_need_key: bool
+    status_needs_key: bool = Field(description="Whether /v1/info and /metrics need the API key.")
     max_upload_bytes: int
+    max_request_bytes: int = Field(description="Largest search request body, all photos together.")
     max_pixels: int
     max_query_images: int
     max_top_k: int

@@ -1,99 +1,90 @@
-"""Uploaded photos: per-file size limit and decoding, with an HTTP status per failure.
+"""Uploaded photos: bounded reading and decoding, and the HTTP status of each image error.
 
-Statuses: 413 for a request body or a file over the byte limits and for an image over the pixel limit
-(decompression bombs are refused from their header, before any pixel is decoded), 415 when the
-bytes are not an image format Pillow reads, 422 when the image is corrupt or truncated.
+Memory is bounded at three levels: the request body (`service.guards`: one photo for an add,
+`max_request_bytes` for a search; multipart files are spooled to disk, not held in memory), the
+pixels of one photo (`max_pixels`, refused from the header: decompression bombs never decode),
+and the memory all decodes in progress hold together (`DecodeBudget`): a decode reserves the
+size of the picture it will produce (after reduced-scale decoding) and waits until it fits.
+
+Statuses: 413 for a file over the byte limit, an image over the pixel limit or one too large to
+decode within the budget; 415 when the bytes are not an image format Pillow reads; 422 when the
+image is empty, corrupt or truncated.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
-from fastapi import HTTPException, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import UploadFile
 from PIL import Image
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from netvlad.errors import ImageError
-from netvlad.imageio import load_image
+from netvlad.errors import ImageError, NotAnImageError, TooManyPixelsError
+from netvlad.imageio import decode_image, open_image
+from service.guards import too_large
 
-#: Room for multipart boundaries, part headers and form fields on top of the files themselves.
-MULTIPART_SLACK = 64 * 1024
 CHUNK = 1 << 20
+#: Bytes a decoded pixel takes at most while decoding (Pillow keeps RGB as 4 bytes a pixel).
+BYTES_PER_PIXEL = 4
+#: HTTP status of each kind of image error; any other `ImageError` is a 422.
+IMAGE_ERROR_STATUS = {NotAnImageError: 415, TooManyPixelsError: 413}
 
 
-def body_limit(max_upload_bytes: int, max_files: int) -> int:
-    """Largest request body worth parsing: `max_files` files of `max_upload_bytes` plus form overhead."""
-    return max_upload_bytes * max_files + MULTIPART_SLACK
+def image_error_status(exc: ImageError) -> int:
+    return next((status for kind, status in IMAGE_ERROR_STATUS.items() if isinstance(exc, kind)), 422)
 
 
-def too_large(limit: int, what: str = "request body") -> HTTPException:
-    return HTTPException(413, f"{what} is larger than the limit of {limit:,} bytes")
+class DecodeBudget:
+    """Bytes that the decodes in progress may hold together. `reserve(n)` waits until n more
+    fit; a single reservation over the whole budget is refused with `TooManyPixelsError`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int, name: str) -> Iterator[None]:
+        if nbytes > self.capacity:
+            raise TooManyPixelsError(name, f"decoding it takes {nbytes / 1e6:,.0f} MB, more than this "
+                                           f"service decodes at once ({self.capacity / 1e6:,.0f} MB)")
+        with self._room:
+            self._room.wait_for(lambda: self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()
 
 
-class BodySizeLimit:
-    """ASGI middleware refusing request bodies over `limit` bytes with a JSON 413 stating the limit:
-    at once when Content-Length declares too much, else as soon as the streamed body passes it
-    (an `HTTPException` raised from `receive`, which FastAPI's body parsing passes through)."""
+def decode_cost(image: Image.Image) -> int:
+    """Bytes decoding an opened image (`open_image`, reduced scale applied) takes at most."""
+    return image.width * image.height * BYTES_PER_PIXEL
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"detail": too_large(self.limit).detail}, 413, headers={"Connection": "close"})
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise too_large(self.limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
+def decode_upload(source: bytes | BinaryIO, name: str, max_pixels: int, budget: DecodeBudget,
+                  reduce_to: int | None = None) -> Image.Image:
+    """Decode an uploaded photo within `budget` → RGB `PIL.Image` (reduced-scale decoding for a
+    long side of `reduce_to`, see `netvlad.imageio.load_image`); `ImageError` subclasses say why
+    not. Blocking: call it from a worker thread."""
+    if not isinstance(source, bytes):
+        source.seek(0)
+    image = open_image(source, max_pixels, reduce_to, name=name)
+    with budget.reserve(decode_cost(image), name):
+        return decode_image(image, reduce_to, name)
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
     """The bytes of one uploaded file; 413 when it is over `limit` bytes."""
+    if upload.size is not None and upload.size > limit:
+        raise too_large(limit, upload.filename or "upload")
     data = bytearray()
     while chunk := await upload.read(CHUNK):
         data += chunk
         if len(data) > limit:
-            raise too_large(limit, f"{upload.filename or 'upload'}")
+            raise too_large(limit, upload.filename or "upload")
     return bytes(data)
-
-
-def decode_upload(data: bytes, name: str, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
-    """Decode uploaded bytes into an RGB image (EXIF orientation applied; JPEGs at a reduced scale
-    for a long side of `reduce_to`, see `load_image`); HTTPException 413, 415 or 422 with the
-    reason when it cannot be used. Blocking: call it from a worker thread."""
-    if not data:
-        raise HTTPException(422, f"{name}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-    except Image.DecompressionBombError as exc:
-        raise HTTPException(413, f"{name}: too many pixels ({exc}); the limit is {max_pixels:,} pixels") from None
-    except Exception:  # Pillow raises many types for foreign bytes; all mean "not an image we read"
-        raise HTTPException(415, f"{name}: not an image, or a format that cannot be read "
-                                 "(JPEG, PNG, WebP, TIFF, BMP, GIF are)") from None
-    if width * height > max_pixels:
-        raise HTTPException(413, f"{name}: {width}×{height} = {width * height:,} pixels is more than the "
-                                 f"limit of {max_pixels:,} pixels")
-    try:
-        return load_image(data, max_pixels=max_pixels, reduce_to=reduce_to)
-    except ImageError as exc:
-        raise HTTPException(422, f"{name}: {str(exc).removeprefix('upload: ')}") from None

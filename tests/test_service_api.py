@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from netvlad.index import Index
-from service.process import ServiceProcess
+from server_process import ServiceProcess
 from service_support import INDEXED, coordinates, small_index
 
 KEY = "test-key-123"
@@ -35,6 +35,7 @@ def server_env(index_dir):
         "NETVLAD_INDEX_DIR": index_dir, "NETVLAD_API_KEY": KEY, "NETVLAD_DEVICE": "cpu",
         "NETVLAD_MAX_UPLOAD_BYTES": MAX_UPLOAD, "NETVLAD_MAX_PIXELS": MAX_PIXELS,
         "NETVLAD_MAX_QUERY_IMAGES": MAX_IMAGES, "NETVLAD_MAX_TOP_K": MAX_TOP_K,
+        "NETVLAD_MAX_REQUEST_BYTES": MAX_UPLOAD * MAX_IMAGES,
         "NETVLAD_MICRO_BATCHING": "true",  # off by default on CPU
     }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.process import ServiceProcess
+from server_process import ServiceProcess
 from service_support import INDEXED, coordinates, small_index
 
 CHROMIUM = Path("/usr/bin/chromium")

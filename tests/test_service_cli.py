@@ -21,7 +21,7 @@ from netvlad.errors import ModelFileError, NetVLADError
 from netvlad.index import Index
 from service import cli
 from service.demo import lat_lon
-from service.process import ServiceProcess, free_port
+from server_process import ServiceProcess, free_port
 from service_support import INDEXED, small_index
 
 #: The `netvlad` CLI with the service commands, as a child process.

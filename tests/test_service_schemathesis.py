@@ -20,7 +20,7 @@ from schemathesis.checks import (
 )
 
 from service.app import create_app
-from service.process import ServiceProcess
+from server_process import ServiceProcess
 from service.settings import Settings
 from service_support import small_index
 

@@ -1,22 +1,32 @@
-"""/v1/images: add a photo (durable when the 201 is sent), read its record or file, delete it."""
+"""/v1/images: add a photo (durable when the 201 is sent), read its record or file, delete it.
+
+Metadata is validated before anything is stored (`netvlad.metadata`: a 422 names the field); a
+file is served only while its photo is indexed and its file, opened without following links,
+lies inside the collection with the catalogued content (`Index.open_photo`)."""
 
 from __future__ import annotations
 
 import json
 import mimetypes
-from pathlib import Path as FilePath
+import os
+from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Request, Response, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from netvlad.catalog import ImageRecord
+from netvlad.errors import MetadataError, PhotoFileError
+from netvlad.imageio import open_image
+from netvlad.metadata import validate_metadata
 from service.deps import ReadAccess, ServiceState, State, WriteAccess
+from service.guards import GuardedRoute
 from service.schemas import ErrorOut, ImageOut
-from service.uploads import decode_upload, read_upload
+from service.uploads import CHUNK, decode_cost, read_upload
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = APIRouter(prefix="/v1/images", tags=["images"], route_class=GuardedRoute)
 
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Image id.")]
 NOT_FOUND = {404: {"model": ErrorOut, "description": "No image with this id."}}
@@ -27,6 +37,7 @@ UPLOAD_ERRORS = {
     413: {"model": ErrorOut, "description": "File or image over the size or pixel limit."},
     415: {"model": ErrorOut, "description": "Not an image."},
     422: {"description": "Corrupt image, or invalid metadata."},
+    507: {"model": ErrorOut, "description": "The server's disk is full."},
 }
 
 
@@ -34,17 +45,17 @@ def file_url(request: Request, image_id: int) -> str:
     return str(request.url_for("get_image_file", image_id=image_id).path)
 
 
-def display_name(metadata: dict, path: str | None) -> str | None:
-    """The metadata `name` when given, else the file name."""
-    name = metadata.get("name")
-    return str(name) if name else (FilePath(path).name if path else None)
+def display_name(record: ImageRecord) -> str | None:
+    """The metadata `name` when it is one, else the file name."""
+    name = record.metadata.get("name")
+    path = record.public_path
+    return name if isinstance(name, str) and name else (os.path.basename(path) if path else None)
 
 
 def image_out(request: Request, record: ImageRecord) -> ImageOut:
-    fields = record.to_dict()
-    for key in ("paths", "error"):
-        fields.pop(key)
-    return ImageOut(**fields, name=display_name(record.metadata, record.path), file_url=file_url(request, record.id))
+    fields = {key: value for key, value in record.to_dict().items() if key in ImageOut.model_fields}
+    return ImageOut(**fields | {"path": record.public_path}, name=display_name(record),
+                    file_url=file_url(request, record.id))
 
 
 def _record(state: ServiceState, image_id: int) -> ImageRecord:
@@ -55,8 +66,9 @@ def _record(state: ServiceState, image_id: int) -> ImageRecord:
 
 
 def _metadata(name: str | None, lat: float | None, lon: float | None, extra: str | None) -> dict:
-    """Catalog metadata from the form fields; 422 when inconsistent."""
-    metadata: dict = {}
+    """Catalog metadata from the form fields and the metadata JSON, validated; 422 naming the
+    first bad field. Form fields win over the same keys in the JSON."""
+    metadata: object = {}
     if extra:
         try:
             metadata = json.loads(extra)
@@ -70,13 +82,20 @@ def _metadata(name: str | None, lat: float | None, lon: float | None, extra: str
         metadata.update(lat=lat, lon=lon)
     if name:
         metadata["name"] = name
-    return metadata
+    try:
+        return validate_metadata(metadata)
+    except MetadataError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def _add(state: ServiceState, data: bytes, name: str, metadata: dict) -> ImageRecord:
-    """Validate, then add to catalog and index in one durable step (compute thread)."""
-    decode_upload(data, name, state.settings.max_pixels, state.index.model.preprocess.reduce_to)
-    (image_id,) = state.index.add([data], [metadata or None])
+    """Add to catalog and index in one durable step (compute thread), decoding the photo once
+    within the decode budget (its header is checked first: a refused photo costs nothing)."""
+    reduce_to = state.index.model.preprocess.reduce_to
+    with open_image(data, state.settings.max_pixels, reduce_to, name=name) as header:
+        cost = decode_cost(header)
+    with state.decode_budget.reserve(cost, name):
+        (image_id,) = state.index.add([data], [metadata])
     return state.index.get(image_id)
 
 
@@ -92,7 +111,8 @@ async def add_image(
     metadata: Annotated[str | None, Form(max_length=10_000, description="Other metadata, a JSON object.")] = None,
 ) -> ImageOut:
     """Add a photo to the collection. When the answer (201) arrives, the photo is described, stored
-    in the catalog and the index, and survives a restart. The same content added twice keeps one id."""
+    in the catalog and the index, and survives a restart. The same content added twice keeps one id.
+    Nothing is stored when the request is refused."""
     meta = _metadata(name, lat, lon, metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
     record = await state.run(_add, state, data, image.filename or "upload", meta)
@@ -106,18 +126,33 @@ async def get_image(request: Request, state: State, image_id: ImageId) -> ImageO
     return image_out(request, await run_in_threadpool(_record, state, image_id))
 
 
+def _open_file(state: ServiceState, image_id: int):
+    record = _record(state, image_id)
+    try:
+        return record, state.index.open_photo(record)
+    except PhotoFileError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def _chunks(handle) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
+
+
 @router.get(
-    "/{image_id}/file", response_class=FileResponse, dependencies=[ReadAccess],
+    "/{image_id}/file", response_class=StreamingResponse, dependencies=[ReadAccess],
     responses={200: {"content": {"image/*": {}}, "description": "The photo file."}, **NOT_FOUND, **AUTH},
 )
-async def get_image_file(state: State, image_id: ImageId) -> FileResponse:
-    """The photo file as stored."""
-    record = await run_in_threadpool(_record, state, image_id)
-    path = FilePath(record.path) if record.path else None
-    if path is None or not path.is_file():
-        raise HTTPException(404, f"image {image_id}: its file is no longer on the server")
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
+async def get_image_file(state: State, image_id: ImageId) -> StreamingResponse:
+    """The photo file as stored: only of an indexed photo, and only from inside the collection."""
+    record, handle = await run_in_threadpool(_open_file, state, image_id)
+    name = os.path.basename(record.public_path or f"image-{image_id}")
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    disposition = "inline; filename*=utf-8''" + quote(name)
+    return StreamingResponse(_chunks(handle), media_type=media_type, headers={
+        "Content-Length": str(record.size), "Content-Disposition": disposition, "X-Content-Type-Options": "nosniff",
+    })
 
 
 @router.delete("/{image_id}", status_code=204, responses={**NOT_FOUND, **WRITE_AUTH}, dependencies=[WriteAccess])

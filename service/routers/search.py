@@ -11,11 +11,12 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReadAccess, ServiceState, State
+from service.guards import GuardedRoute, too_large
 from service.routers.images import display_name, file_url
 from service.schemas import DEFAULT_FUSION, ErrorOut, Fusion, LocationEstimate, SearchOut, SearchResult
-from service.uploads import decode_upload, read_upload
+from service.uploads import decode_upload
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], route_class=GuardedRoute)
 
 ERRORS = {
     401: {"model": ErrorOut, "description": "API key missing or wrong (when reads are protected)."},
@@ -25,17 +26,15 @@ ERRORS = {
 }
 
 
-def _prepare(state: ServiceState, uploads: list[tuple[str, bytes]]) -> list[torch.Tensor]:
-    """Decode and resize query photos → uint8 (3, H, W) tensors (Pillow only: any worker thread)."""
+def _prepare(state: ServiceState, uploads: list[tuple[str, UploadFile]]) -> list[torch.Tensor]:
+    """Decode and resize query photos, straight from their spooled files and within the decode
+    budget → uint8 (3, H, W) tensors (Pillow only: any worker thread)."""
     preprocess = state.index.model.preprocess
-    max_pixels = state.settings.max_pixels
-    return [preprocess.resize(decode_upload(data, name, max_pixels, preprocess.reduce_to)) for name, data in uploads]
-
-
-def _rank(state: ServiceState, descriptors: np.ndarray, top_k: int, fusion: str):
-    """Search the index and fetch the hits' catalog records (compute thread)."""
-    found = state.index.search_descriptors(descriptors, top_k, fusion)
-    return found, state.index.catalog.records([hit.id for hit in found.hits], state.index.resolve)
+    settings = state.settings
+    return [
+        preprocess.resize(decode_upload(upload.file, name, settings.max_pixels, state.decode_budget, preprocess.reduce_to))
+        for name, upload in uploads
+    ]
 
 
 @router.post("/v1/search", response_model=SearchOut, responses=ERRORS, dependencies=[ReadAccess])
@@ -54,20 +53,20 @@ async def search(
         raise HTTPException(422, f"{len(images)} photos: at most {settings.max_query_images} per search")
     if top_k > settings.max_top_k:
         raise HTTPException(422, f"top_k={top_k} is more than the limit of {settings.max_top_k}")
-    uploads = [
-        (upload.filename or f"photo {i + 1}", await read_upload(upload, settings.max_upload_bytes))
-        for i, upload in enumerate(images)
-    ]
+    uploads = [(upload.filename or f"photo {i + 1}", upload) for i, upload in enumerate(images)]
+    for name, upload in uploads:
+        if upload.size is not None and upload.size > settings.max_upload_bytes:
+            raise too_large(settings.max_upload_bytes, name)
     descriptors: np.ndarray = await state.batcher.describe(run_in_threadpool(_prepare, state, uploads))
-    found, records = await state.run(_rank, state, descriptors, top_k, fusion.value)
+    found = await state.run(state.index.search_descriptors, descriptors, top_k, fusion.value)
     results = []
     for rank, hit in enumerate(found.hits, start=1):
-        record = records.get(hit.id)
-        metadata = record.metadata if record else {}
+        record = hit.record
         results.append(SearchResult(
             rank=rank, id=hit.id, score=hit.score, query_scores=hit.query_scores,
-            name=display_name(metadata, hit.path), path=hit.path, lat=hit.lat, lon=hit.lon,
-            taken_at=record.taken_at if record else None, metadata=metadata, file_url=file_url(request, hit.id),
+            name=display_name(record) if record else None, path=record.public_path if record else None,
+            lat=hit.lat, lon=hit.lon, taken_at=record.taken_at if record else None,
+            metadata=record.metadata if record else {}, file_url=file_url(request, hit.id),
         ))
     return SearchOut(
         results=results,

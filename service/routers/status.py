@@ -8,10 +8,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from netvlad.search import FUSIONS
-from service.deps import State
+from service.deps import State, StatusAccess
+from service.guards import GuardedRoute
 from service.schemas import DEFAULT_FUSION, Health, Info, Ready
 
-router = APIRouter(tags=["status"])
+router = APIRouter(tags=["status"], route_class=GuardedRoute)
 
 
 @router.get("/healthz", response_model=Health)
@@ -35,14 +36,14 @@ async def readyz(request: Request):
     return Ready(ready=True, model=state.model_name, images=count)
 
 
-@router.get("/metrics", response_class=Response,
+@router.get("/metrics", response_class=Response, dependencies=[StatusAccess],
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
 async def metrics(request: Request) -> Response:
     """Request counts and latencies per route, forward-pass batch sizes, index size."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/info", response_model=Info)
+@router.get("/v1/info", response_model=Info, dependencies=[StatusAccess])
 async def info(state: State) -> Info:
     """Model, collection size, limits and access rules (what the web page adapts to)."""
     settings = state.settings
@@ -53,6 +54,8 @@ async def info(state: State) -> Info:
         fusion_modes=list(FUSIONS), default_fusion=DEFAULT_FUSION,
         writes_allowed=settings.allow_writes and state.index.writable,
         writes_need_key=has_key, reads_need_key=has_key and settings.protect_reads,
-        max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+        status_needs_key=has_key and settings.protect_status,
+        max_upload_bytes=settings.max_upload_bytes, max_request_bytes=settings.max_request_bytes,
+        max_pixels=settings.max_pixels,
         max_query_images=settings.max_query_images, max_top_k=settings.max_top_k,
     )

@@ -3,7 +3,8 @@
     with ServiceProcess({"NETVLAD_INDEX_DIR": "idx"}) as server:
         httpx.get(server.url + "/readyz")
 
-Used by the HTTP tests and the load benchmark; settings are passed as NETVLAD_* variables.
+Used by the HTTP tests and the service benchmarks; settings are passed as NETVLAD_* variables.
+`memory_of(pid)` reads a process's resident and peak resident memory from /proc.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ import time
 from pathlib import Path
 
 import httpx
+
+
+def memory_of(pid: int, reset_peak: bool = False) -> dict[str, int]:
+    """{"rss": resident bytes now, "peak": peak resident bytes} of process `pid` (Linux). With
+    `reset_peak` the peak restarts from now (writing 5 to /proc/PID/clear_refs)."""
+    if reset_peak:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kib = {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
+    return {"rss": kib["VmRSS"], "peak": kib["VmHWM"]}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
