@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import models
 
 from netvlad.errors import ModelFileError
+from netvlad.torchfiles import load_weights_only
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,7 @@ def _pretrained(spec: BackboneSpec, name: str) -> nn.Module | None:
 def _from_file(spec: BackboneSpec, name: str, weights_file: str | os.PathLike) -> nn.Module:
     """The full torchvision model with a state dict from `weights_file` (as torchvision publishes them)."""
     net = spec.builder(weights=None)
-    try:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{weights_file}: not a readable state dict ({type(exc).__name__}: {exc})") from None
+    state = load_weights_only(weights_file, "state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from netvlad.devices import resolve_device
 from netvlad.errors import ModelFileError
 from netvlad.model import ModelConfig, NetVLADModel
+from netvlad.torchfiles import load_weights_only
 
 FORMAT = "netvlad-model"
 VERSION = 1
@@ -59,10 +61,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 def read_model_file(path: Path) -> dict:
     """Load and validate the dict stored in a model file."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a readable model file"
-        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
+    payload = load_weights_only(path, "model file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = " (a published checkpoint? use `netvlad import-checkpoint`)" if isinstance(payload, dict) else ""
         raise ModelFileError(f"{path}: not a netvlad model file{hint}")
@@ -75,8 +74,9 @@ def read_model_file(path: Path) -> dict:
     return payload
 
 
-def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu") -> NetVLADModel:
-    """Rebuild the model described by a model file (or built-in name) and load its weights; eval mode."""
+def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device | None = "cpu") -> NetVLADModel:
+    """Rebuild the model described by a model file (or built-in name) and load its weights; eval mode,
+    on `device` ("auto" or None: CUDA when available; see `netvlad.devices`)."""
     path = resolve_model_path(name_or_path)
     payload = read_model_file(path)
     try:
@@ -104,7 +104,7 @@ def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.
         raise ModelFileError(f"{path}: weights do not match the config ({config.backbone}, K={config.clusters}): "
                              + "; ".join(details))
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def model_fingerprint(model: NetVLADModel) -> str:

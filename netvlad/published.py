@@ -45,6 +45,7 @@ from netvlad.backbones import BACKBONES
 from netvlad.errors import ModelFileError
 from netvlad.matfile import cells, read_mat_variable, text
 from netvlad.model import ModelConfig, NetVLADModel
+from netvlad.torchfiles import unreadable
 from netvlad.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TORCH_SUFFIXES = (".pth.tar", ".pth", ".pt")
@@ -149,7 +150,7 @@ def _torch_load(path: Path, trust: bool):
     except Exception as exc:  # zip, pickle and torch errors all mean "not a readable checkpoint"
         # torch names the refused globals/classes and points to add_safe_globals; other errors: bad file.
         if not (isinstance(exc, pickle.UnpicklingError) and "add_safe_globals" in str(exc)):
-            raise ModelFileError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+            raise unreadable(path, "torch checkpoint", exc) from None
         if not trust:
             needed = ", ".join(sorted(set(re.findall(r"(?:GLOBAL |got <class ')([\w.]+)", str(exc)))))
             raise ModelFileError(
@@ -159,7 +160,7 @@ def _torch_load(path: Path, trust: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise unreadable(path, "torch checkpoint", exc) from None
 
 
 def _state_dict(path: Path, payload) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import DatasetError, ModelFileError
+from netvlad.torchfiles import load_weights_only
 
 if TYPE_CHECKING:  # the trainer imports this module
     from training.loop import Trainer
@@ -96,10 +97,7 @@ def read_run_state(folder: str | os.PathLike) -> dict:
     path = Path(folder) / RUN_STATE
     if not path.is_file():
         raise ModelFileError(f"{path}: no run state to resume from")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "unreadable"
-        raise ModelFileError(f"{path}: not a readable run state ({type(exc).__name__}: {exc})") from None
+    payload = load_weights_only(path, "run state")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a netvlad training run state")
     if payload.get("version") != VERSION:
