@@ -35,9 +35,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from netvlad.errors import IndexStoreError
+from netvlad.errors import DiskFullError, IndexStoreError
 from netvlad.exif import PhotoInfo
 from netvlad.metadata import clean_coordinate, clean_extra, clean_taken_at
+from netvlad.storage import is_disk_full
 
 SCHEMA_VERSION = 1
 DESCRIPTOR_DTYPE = np.float16
@@ -169,6 +170,9 @@ class Catalog:
                 )
         except sqlite3.DatabaseError as exc:
             self.close()
+            if not readonly and is_disk_full(exc, self.path.parent):
+                raise DiskFullError(f"disk full: {self.path.parent}: the catalog cannot be opened for writing; "
+                                    "free some space and run it again") from None
             raise IndexStoreError(f"{self.path}: not a readable catalog ({exc})") from None
         except IndexStoreError:
             self.close()

@@ -101,11 +101,19 @@ def clean_taken_at(value: object) -> str | None:
 
 
 def clean_extra(stored: object) -> dict:
-    """The free metadata keys of a stored JSON text, {} when absent or unreadable."""
+    """The metadata keys stored as JSON text (name and free keys), {} when absent or unreadable;
+    a `name` that is not a valid name is left out."""
     if not isinstance(stored, str):
         return {}
     try:
         value = json.loads(stored)
     except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    if "name" in value:
+        try:
+            _name(value["name"])
+        except MetadataError:
+            value.pop("name")
+    return value

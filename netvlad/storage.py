@@ -24,6 +24,8 @@ from netvlad.errors import DiskFullError
 
 TEMP_SUFFIX = ".tmp"
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+#: A file system with less free space than this (bytes) counts as full.
+FULL_BELOW = 64 * 1024
 
 
 def fsync_dir(directory: Path) -> None:
@@ -81,12 +83,22 @@ def sweep_temp_files(folders: list[Path], prefix: str = ".") -> list[Path]:
     return swept
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the disk or the quota is full."""
+def space_left(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still write on the file system of `path`."""
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize
+
+
+def is_disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """Whether `exc` says the disk or the quota is full. SQLite reports a full disk met while
+    creating its journal files as a plain I/O error: with `where`, such an error counts when
+    the file system of `where` has less than a page left."""
     if isinstance(exc, OSError):
         return exc.errno in _FULL
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    if isinstance(exc, sqlite3.DatabaseError):
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            return True
+        return where is not None and "I/O error" in str(exc) and space_left(where) < FULL_BELOW
     return False
 
 
@@ -95,8 +107,8 @@ def disk_full_errors(where: str | os.PathLike) -> Iterator[None]:
     """Raise a full disk inside the block as `DiskFullError("disk full: <where>: …")`."""
     try:
         yield
-    except (OSError, sqlite3.OperationalError) as exc:
-        if not is_disk_full(exc):
+    except (OSError, sqlite3.DatabaseError) as exc:
+        if not is_disk_full(exc, where):
             raise
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise DiskFullError(f"disk full: {os.fspath(where)}: {reason}; free some space and run it again") from None

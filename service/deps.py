@@ -81,6 +81,9 @@ def require_write_key(state: State, key: Annotated[str | None, Depends(api_key_h
     """Writes: refused with 403 when disabled, 401 without the configured key."""
     if not state.settings.allow_writes:
         raise HTTPException(403, "this service is read-only (NETVLAD_ALLOW_WRITES=false)")
+    if not state.index.writable:
+        raise HTTPException(403, "this service is read-only: its index folder cannot be written now "
+                                 "(read-only file system, full disk, or another process writes it)")
     _check_key(state.settings, key, "adding or deleting photos")
 
 
