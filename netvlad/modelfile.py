@@ -17,6 +17,7 @@ import torch
 from netvlad.devices import resolve_device
 from netvlad.errors import ModelFileError
 from netvlad.model import ModelConfig, NetVLADModel
+from netvlad.storage import atomic_path
 from netvlad.torchfiles import load_weights_only
 
 FORMAT = "netvlad-model"
@@ -36,9 +37,8 @@ def save_model(model: NetVLADModel, path: str | os.PathLike, extra: dict | None 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -1,7 +1,8 @@
 """Durable, confined file access for index folders.
 
-- `write_atomic`: temp file in the same folder, fsync, rename over the target, fsync the folder;
-  the temp file is removed when anything fails, so a crash or a full disk leaves the old file.
+- `atomic_path` / `write_atomic`: every file the project writes goes to a temp file in the same
+  folder, is fsynced and renamed over the target, and the folder fsynced; the temp file is removed
+  when anything fails, so a crash or a full disk leaves the old file.
 - `sweep_temp_files`: remove the temp files and folders a killed writer left (names `.*.tmp`,
   `.*.tmp-*`), called by the one writer of an index folder when it opens it.
 - `disk_full_errors`: a full disk (or quota) as one `DiskFullError`, from the OS or from SQLite.
@@ -42,20 +43,31 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_SUFFIX}")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Replace `path` with `data` atomically and durably (temp file, fsync, rename, folder fsync)."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside `path` for the block to write; when the block succeeds the temp file is
+    fsynced and renamed over `path` and the folder fsynced, when it fails the temp file is removed:
+    readers see the old file or the new one, never a part."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Replace `path` with `data` atomically and durably (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _is_temp(name: str, prefix: str) -> bool:

@@ -18,12 +18,12 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from netvlad.errors import IndexStoreError
+from netvlad.storage import write_atomic
 
 #: Below this many images the exact Flat index is fast enough and uses the catalog's recall.
 FLAT_LIMIT = 50_000
@@ -233,15 +233,9 @@ class VectorIndex:
     # ------------------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> int:
-        """Write atomically (temp file, fsync, rename); returns the file size in bytes."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        """Write atomically (`netvlad.storage.write_atomic`); returns the file size in bytes."""
         data = faiss.serialize_index(self.index)
-        with open(tmp, "wb") as handle:
-            handle.write(data.tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, memoryview(data))
         return int(data.size)
 
     @classmethod

@@ -18,10 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from netvlad.index import Index
-from server_process import ServiceProcess
+from server_process import ServiceProcess, search_burst_memory
 from service_support import small_model
-from tests.photo_support import shrunk_copies
+from tests.photo_support import large_png, shrunk_copies
 
 KEY = "hardening-key"
 NETVLAD = [sys.executable, "-c", "from netvlad.cli import main; main()"]
@@ -247,6 +246,19 @@ def test_poisoned_catalog_rows_never_break_a_search_or_a_record(indexed, real_ph
             assert record.status_code == 200 and record.json()["metadata"] == {}
     cli = netvlad("search", query, "--index", index_dir, "--json")
     assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+
+
+# ------------------------------------------------------------------------------ 3. bounded memory
+
+
+def test_concurrent_searches_with_large_pngs_keep_memory_bounded(server):
+    """16 concurrent searches, each a 7000×7000 PNG of a few hundred kB (196 MB decoded): the
+    decode budget and reduced decoding keep the peak under +500 MB, and the memory goes back."""
+    burst = search_burst_memory(server, [large_png(7000)], clients=16)
+    mib = 1 << 20
+    assert burst["statuses"] == [200]
+    assert burst["peak"] - burst["before"] < 500 * mib, burst
+    assert burst["after"] - burst["before"] < 100 * mib, burst
 
 
 # ------------------------------------------------------------------------------ 4. bodies refused before they are read

@@ -9,7 +9,6 @@ CAP_SYS_ADMIN) those tests are skipped with the reason.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import sqlite3
 import subprocess

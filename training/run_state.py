@@ -26,6 +26,7 @@ import torch
 
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import DatasetError, ModelFileError
+from netvlad.storage import atomic_path
 from netvlad.torchfiles import load_weights_only
 
 if TYPE_CHECKING:  # the trainer imports this module
@@ -86,9 +87,8 @@ def save_run_state(trainer: Trainer) -> Path:
         "rng": _rng_state(),
     }
     path = trainer.out / RUN_STATE
-    tmp = trainer.out / f".{RUN_STATE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

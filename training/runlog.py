@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from netvlad.storage import atomic_path
 
 COLUMNS = (
     "epoch", "steps", "lr", "loss", "queries", "skipped", "images", "images_per_s", "train_s",
@@ -44,13 +45,11 @@ class RunLog:
     def write(self, folder: Path) -> tuple[Path, Path]:
         """Write `log.csv` and `curves.png` into `folder` (each atomically); returns their paths."""
         csv_path, png_path = folder / "log.csv", folder / "curves.png"
-        tmp = folder / ".log.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as file:
+        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: _cell(v) for k, v in row.items()})
-        os.replace(tmp, csv_path)
         self.plot(png_path)
         return csv_path, png_path
 
@@ -75,9 +74,8 @@ class RunLog:
         recall_axes.grid(True, alpha=0.3)
         if recall_axes.get_legend_handles_labels()[0]:
             recall_axes.legend(loc="lower right")
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        figure.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=path.suffix.lstrip(".") or "png")
         return path
 
 
