@@ -4,7 +4,8 @@
         httpx.get(server.url + "/readyz")
 
 Used by the HTTP tests and the service benchmarks; settings are passed as NETVLAD_* variables.
-`memory_of(pid)` reads a process's resident and peak resident memory from /proc.
+`memory_of(pid)` reads a process's resident and peak resident memory from /proc, and
+`search_burst_memory` measures a server's memory through a burst of concurrent searches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,27 @@ def memory_of(pid: int, reset_peak: bool = False) -> dict[str, int]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     kib = {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
     return {"rss": kib["VmRSS"], "peak": kib["VmHWM"]}
+
+
+def search_burst_memory(server: "ServiceProcess", photos: list[bytes], clients: int) -> dict:
+    """Resident memory of `server` (bytes) through `clients` concurrent searches, each with all of
+    `photos` (PNG bytes), after one warm-up search: {"before", "peak", "after", "statuses", "seconds"}."""
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        def one(i: int) -> int:
+            files = [("images", (f"photo-{i}-{j}.png", data, "image/png")) for j, data in enumerate(photos)]
+            return client.post("/v1/search", files=files).status_code
+
+        one(-1)
+        time.sleep(1.0)
+        before = memory_of(server.process.pid, reset_peak=True)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = sorted(set(pool.map(one, range(clients))))
+        seconds = time.perf_counter() - start
+        time.sleep(1.0)
+        after = memory_of(server.process.pid)
+    return {"before": before["rss"], "peak": after["peak"], "after": after["rss"], "statuses": statuses,
+            "seconds": seconds}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

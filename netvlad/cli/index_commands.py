@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from netvlad.cli.app import app
+from netvlad.catalog import display_path
 from netvlad.errors import ImageError
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.index import Index
@@ -110,7 +111,7 @@ def search_command(
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
     for rank, hit in enumerate(result.hits, start=1):
-        typer.echo(f"{rank:3d}  {hit.score:6.3f}  id {hit.id:<8d} {hit.path}")
+        typer.echo(f"{rank:3d}  {hit.score:6.3f}  id {hit.id:<8d} {display_path(hit.path or '-')}")
     if result.location is not None:
         loc = result.location
         typer.echo(f"location: {loc.lat:.6f}, {loc.lon:.6f} (from {loc.support} results, spread {loc.spread_m:.0f} m)")

@@ -172,7 +172,12 @@ async function addImage(event) {
 
 async function loadInfo() {
   try {
-    const response = await fetch("v1/info");
+    const response = await fetch("v1/info", { headers: headers() });
+    if (response.status === 401) {  // NETVLAD_PROTECT_STATUS: the description itself needs the key
+      $("key-panel").hidden = false;
+      show($("status"), "This service needs its API key: enter it above, then press Enter.", "error");
+      return;
+    }
     if (!response.ok) { show($("status"), await errorText(response), "error"); return; }
     const info = state.info = await response.json();
     $("status").textContent = `${info.count} photos indexed · model ${info.model} (${info.dim}-d)`;
@@ -208,4 +213,5 @@ function setUpDropZone() {
 setUpDropZone();
 $("search-form").addEventListener("submit", search);
 $("add-form").addEventListener("submit", addImage);
+$("api-key").addEventListener("change", () => { if (!state.info) loadInfo(); });
 loadInfo();
