@@ -10,7 +10,7 @@ images/s on the same decoded tensors.
   autocast setting.
 
 Photos: `--count` distinct JPEGs of `--size` pixels cut from the project's real photos (crops
-at several offsets and flips of `data/photos`, collected on first use). The model is a fresh
+at several offsets and flips of `data/photos`, as `make photos` fetches it). The model is a fresh
 `--backbone` with `--clusters` and `--max-side` (random weights: timing does not depend on their
 values) unless `--model` names a model file.
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from netvlad.datasets.photos import collect_photos
-from netvlad.imageio import load_image
+from netvlad.batching import default_workers, shape_batches
+from netvlad.imageio import find_photos, load_image
 from netvlad.index import Index
-from netvlad.indexing import default_workers, index_folder, shape_batches
+from netvlad.indexing import index_folder
 from netvlad.model import build_model
 from netvlad.modelfile import load_model
 
@@ -103,10 +103,10 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=64)
     parser.add_argument("--max-side", type=int, default=640)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--photos", type=Path, default=REPO / "data" / "photos", help="source photos folder")
+    parser.add_argument("--photos", type=Path, default=REPO / "data" / "photos", help="source photos folder (`make photos`)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    sources = collect_photos(args.photos)
+    sources = sorted(find_photos([args.photos]))
     if args.model:
         model = load_model(args.model, device=args.device)
     else:

@@ -9,7 +9,7 @@
 2. *Describe*: a torch DataLoader decodes and preprocesses pending photos in worker processes
    (pinned memory on CUDA) in batches of equal shape; each batch's descriptors are stored in the
    catalog in one transaction, and photos that fail to decode are marked failed with the reason.
-3. *Checkpoint*: the faiss index is brought up to date and saved (also every `checkpoint_every`
+3. *Save*: the faiss index is brought up to date and saved (also every `checkpoint_every`
    seconds during long runs).
 
 A run killed at any moment is resumed by running it again: committed work is kept, the rest is
@@ -24,16 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from netvlad.batching import PhotoDataset, collate_by_shape, default_workers, describe_batches, shape_batches
 from netvlad.catalog import display_path
-from netvlad.errors import ImageError
 from netvlad.exif import read_photo_info
 from netvlad.imageio import walk_photos
 from netvlad.index import Index
-from netvlad.transforms import Preprocess
 
 #: Files hashed and recorded per catalog transaction during a scan.
 SCAN_CHUNK = 256
@@ -121,59 +119,6 @@ def scan_folder(index: Index, root: Path, prune: bool, report: IndexingReport, p
     report.pruned = len(gone)
 
 
-class PhotoDataset(Dataset):
-    """(id, path) items → (id, (3, H, W) float tensor or None, error or None), decoded with
-    `load_image` (bomb limit `max_pixels`) and the model's `preprocess`."""
-
-    def __init__(self, items: list[tuple[int, str]], preprocess: Preprocess, max_pixels: int):
-        self.items = items
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        image_id, path = self.items[i]
-        try:
-            return image_id, self.preprocess.load(path, self.max_pixels), None
-        except ImageError as exc:
-            return image_id, None, exc.reason
-        except Exception as exc:  # a decoder bug on one odd file must not stop a long run
-            return image_id, None, f"{type(exc).__name__}: {exc}"
-
-
-def collate_photos(samples: list) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, str]]]:
-    """Samples → ([(ids (b,), images (b, 3, H, W)) per distinct shape], [(id, reason) failures])."""
-    groups: dict[tuple[int, ...], list] = {}
-    failures = []
-    for image_id, tensor, error in samples:
-        if tensor is None:
-            failures.append((image_id, error))
-        else:
-            groups.setdefault(tuple(tensor.shape), []).append((image_id, tensor))
-    batches = [
-        (torch.tensor([i for i, _ in members]), torch.stack([t for _, t in members]))
-        for members in groups.values()
-    ]
-    return batches, failures
-
-
-def shape_batches(shapes: list[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of ≤ `batch_size` photos with equal predicted input shape
-    (None: unknown, batched together and regrouped after decoding), in order of first index."""
-    groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, shape in enumerate(shapes):
-        groups.setdefault(shape, []).append(i)
-    batches = [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
-    return sorted(batches, key=lambda batch: batch[0])
-
-
-def default_workers() -> int:
-    """Decoding processes: one per spare core, at least one, at most eight."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
 def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16, workers: int | None = None,
                      progress: bool = True, checkpoint_every: float = 600.0) -> None:
     """Describe every pending image of the catalog (step 2); fills `report`."""
@@ -184,38 +129,32 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
     preprocess = model.preprocess
     items = [(image_id, str(index.resolve(path, origin))) for image_id, path, origin, _, _ in pending]
     shapes = [preprocess.output_shape(w, h) if w and h else None for _, _, _, w, h in pending]
-    device = model.device
     loader = DataLoader(
         PhotoDataset(items, preprocess, index.max_pixels),
         batch_sampler=shape_batches(shapes, batch_size),
         num_workers=default_workers() if workers is None else workers,
-        collate_fn=collate_photos,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_by_shape,
+        pin_memory=model.device.type == "cuda",
     )
     bar = tqdm(total=len(items), desc="describe", unit="img", disable=not progress, smoothing=0.05)
     last_checkpoint = time.monotonic()
-    for batches, failures in loader:
-        bar.update(sum(len(ids) for ids, _ in batches) + len(failures))
-        for ids, images in batches:
-            try:
-                descriptors = model.describe(images.to(device, non_blocking=True), batch_size=len(ids), amp=index.amp)
-            except RuntimeError as exc:  # e.g. a photo too small for the network: fail the batch, go on
-                failures = failures + [(int(i), f"the network failed on it ({exc})") for i in ids]
-                continue
-            index.store_descriptors(ids.tolist(), descriptors)
+    for ids, descriptors, failures in describe_batches(model, loader, index.amp, network_errors=True):
+        bar.update(len(ids) + len(failures))
+        if ids:
+            index.store_descriptors(ids, descriptors)
             report.described += len(ids)
         if failures:
-            index.mark_failed(failures)
+            index.mark_failed([(image_id, error.reason) for image_id, error in failures])
             report.failed += len(failures)
         if time.monotonic() - last_checkpoint > checkpoint_every:
-            index.checkpoint()
+            index.save()
             last_checkpoint = time.monotonic()
     bar.close()
 
 
 def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, batch_size: int = 16,
                  workers: int | None = None, progress: bool = True, checkpoint_every: float = 600.0) -> IndexingReport:
-    """Bring `index` up to date with photo folder `photos` (scan, describe, checkpoint)."""
+    """Bring `index` up to date with photo folder `photos` (scan, describe, save)."""
     start = time.perf_counter()
     root = Path(photos)
     if not root.is_dir():
@@ -224,7 +163,7 @@ def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, b
     report = IndexingReport()
     scan_folder(index, root, prune, report, progress)
     describe_pending(index, report, batch_size, workers, progress, checkpoint_every)
-    index.checkpoint()
+    index.save()
     report.seconds = time.perf_counter() - start
     report.images = len(index)
     report.index_type = index.spec.factory

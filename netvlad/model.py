@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from netvlad.backbones import BACKBONES, build_backbone
+from netvlad.batching import Source, describe_tensors, evaluating, load_tensors
 from netvlad.configs import config_from_dict
-from netvlad.imageio import ImageSource
 from netvlad.pooling import NetVLAD
 from netvlad.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from netvlad.whitening import PCAWhitening
@@ -107,48 +106,23 @@ class NetVLADModel(nn.Module):
         self.config.whitening_dim = out_dim
         return variances
 
-    def load_tensors(self, images: Iterable[ImageSource]) -> list[torch.Tensor]:
-        """Decode and preprocess photos → list of (3, H, W) tensors (raises `ImageError`)."""
-        return [self.preprocess.load(image) for image in images]
-
-    @torch.no_grad()
     def describe(
         self,
-        images: Sequence[ImageSource] | torch.Tensor,
+        images: Sequence[Source] | torch.Tensor,
         batch_size: int = 16,
         progress: bool = False,
         amp: bool | None = None,
     ) -> np.ndarray:
-        """Descriptors (N, dim) float32 of photos, of a preprocessed (N, 3, H, W) tensor or of a
-        list of preprocessed (3, H, W) tensors.
+        """Descriptors (N, dim) float32, unit norm, of photos (paths, bytes or PIL images), of a
+        preprocessed (N, 3, H, W) tensor or of preprocessed (3, H, W) tensors; raises `ImageError`.
 
-        Photos of different sizes are grouped by shape into batches; the order of the output
-        rows matches the input. `amp` (default: on CUDA) runs the network in bfloat16 autocast.
+        Photos of different sizes are grouped by shape into batches of `batch_size`; the order of
+        the output rows matches the input. `amp` (default: on CUDA) runs the network in bfloat16
+        autocast.
         """
-        was_training = self.training
-        self.eval()
-        if isinstance(images, torch.Tensor) or all(isinstance(image, torch.Tensor) for image in images):
-            tensors = list(images)
-        else:
-            tensors = self.load_tensors(tqdm(images, desc="decode", disable=not progress, leave=False))
-        out = np.zeros((len(tensors), self.dim), dtype=np.float32)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, tensor in enumerate(tensors):
-            groups.setdefault(tuple(tensor.shape), []).append(i)
-        device = self.device
-        use_amp = device.type == "cuda" if amp is None else amp
-        bar = tqdm(total=len(tensors), desc="describe", unit="img", disable=not progress)
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                batch = torch.stack([tensors[i] for i in chunk]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    descriptors = self(batch)
-                out[chunk] = F.normalize(descriptors.float(), dim=1).cpu().numpy()
-                bar.update(len(chunk))
-        bar.close()
-        self.train(was_training)
-        return out
+        tensors = load_tensors(list(images), self.preprocess, progress)
+        with evaluating(self), torch.no_grad():
+            return describe_tensors(self, tensors, amp, batch_size=batch_size, progress=progress).cpu().numpy()
 
 
 def build_model(

@@ -1,6 +1,7 @@
-"""A place dataset's photos as network input: a torch `Dataset` whose decoding errors name the
-dataset file and row, the shape-grouped forward pass, and batched descriptor computation with
-`DataLoader` workers (used for the mining cache and for validation)."""
+"""A place dataset's photos as network input: `PlaceImages`, the photo dataset
+(`netvlad.batching.PhotoDataset`) of its database or queries whose decoding errors name the
+dataset file and row, and batched descriptor computation with `DataLoader` workers (used for the
+mining cache and for validation)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from netvlad.batching import PhotoDataset, Sample, collate_by_shape, describe_batches
 from netvlad.datasets.placeset import DATABASE_CSV, QUERIES_CSV, PlaceDataset
 from netvlad.errors import DatasetError, ImageError
 from netvlad.model import NetVLADModel
@@ -21,26 +22,18 @@ from netvlad.transforms import Preprocess
 KINDS = {"database": DATABASE_CSV, "queries": QUERIES_CSV}
 
 
-class PlaceImages(Dataset):
+class PlaceImages(PhotoDataset):
     """The database or query photos of `dataset`: item i → (i, (3, H, W) float32 tensor or None,
-    error text). Decoding errors travel back as text so that the main process reports them
-    (`where(i)` names the CSV file and data row) instead of a worker traceback."""
+    `ImageError` or None). `where(i)` names the CSV file and data row of image i, so that a bad
+    image is reported by the main process as a `DatasetError` instead of a worker traceback."""
 
     def __init__(self, dataset: PlaceDataset, kind: str, preprocess: Preprocess):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
-        self.dataset, self.kind, self.preprocess = dataset, kind, preprocess
+        self.dataset, self.kind = dataset, kind
         self.paths: list[Path] = dataset.db_paths() if kind == "database" else dataset.q_paths()
         self.names: list[str] = dataset.db_images if kind == "database" else dataset.q_images
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return i, self.preprocess.load(self.paths[i]), ""
-        except ImageError as exc:
-            return i, None, str(exc)
+        super().__init__(list(enumerate(self.paths)), preprocess)
 
     def where(self, i: int) -> str:
         """Where image i is listed: "<folder>/database.csv, data row 5 ('a.jpg')" for CSV datasets."""
@@ -50,11 +43,15 @@ class PlaceImages(Dataset):
         label = "dbImage" if self.kind == "database" else "qImage"
         return f"{self.dataset.name or self.dataset.root}, {label} {i + 1} ('{self.names[i]}')"
 
-    def checked(self, item: tuple[int, torch.Tensor | None, str]) -> torch.Tensor:
+    def failure(self, i: int, error: ImageError) -> DatasetError:
+        """The error to raise for image i, naming its file and row."""
+        return DatasetError(f"{self.where(i)}: {error}")
+
+    def checked(self, item: Sample) -> torch.Tensor:
         """The tensor of a loaded item, or DatasetError naming the file and row of a bad image."""
         i, tensor, error = item
         if tensor is None:
-            raise DatasetError(f"{self.where(i)}: {error}")
+            raise self.failure(i, error)
         return tensor
 
 
@@ -63,33 +60,6 @@ def collate_items(items: list) -> list:
     return items
 
 
-def forward_descriptors(
-    model: NetVLADModel, tensors: Sequence[torch.Tensor], amp: bool, channels_last: bool
-) -> torch.Tensor:
-    """Descriptors (N, dim) float32, unit norm, of preprocessed (3, H, W) tensors, in input order.
-
-    Same-shape tensors go through the network together (BatchNorm sees them as one batch); runs in
-    bfloat16 autocast when `amp`. Gradients flow when called outside `torch.no_grad()`.
-    """
-    device = model.device
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault(tuple(tensor.shape), []).append(i)
-    parts, order = [], []
-    for indices in groups.values():
-        batch = torch.stack([tensors[i] for i in indices]).to(device, non_blocking=True)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            parts.append(F.normalize(model(batch).float(), dim=1))
-        order.extend(indices)
-    out = torch.cat(parts)
-    if order != sorted(order):
-        out = out[torch.as_tensor(np.argsort(order), device=out.device)]
-    return out
-
-
-@torch.no_grad()
 def describe_images(
     model: NetVLADModel,
     images: PlaceImages,
@@ -106,18 +76,16 @@ def describe_images(
     out = np.zeros((len(indices), model.dim), dtype=np.float32)
     if not indices:
         return out
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(
-        torch.utils.data.Subset(images, indices), batch_size=batch_size, num_workers=workers,
-        collate_fn=collate_items, pin_memory=model.device.type == "cuda",
+    loader = DataLoader(  # keyed by position in `indices`
+        PhotoDataset([(row, images.paths[i]) for row, i in enumerate(indices)], images.preprocess),
+        batch_size=batch_size, num_workers=workers, collate_fn=collate_by_shape,
+        pin_memory=model.device.type == "cuda",
     )
-    row = 0
     with tqdm(total=len(indices), desc=f"describe {images.kind}", unit="img", disable=not progress, leave=False) as bar:
-        for items in loader:
-            tensors = [images.checked(item) for item in items]
-            out[row : row + len(tensors)] = forward_descriptors(model, tensors, amp, channels_last).cpu().numpy()
-            row += len(tensors)
-            bar.update(len(tensors))
-    model.train(was_training)
+        for rows, descriptors, failures in describe_batches(model, loader, amp, channels_last):
+            if failures:
+                row, error = failures[0]
+                raise images.failure(indices[row], error)
+            out[rows] = descriptors
+            bar.update(len(rows))
     return out

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from netvlad.batching import describe_tensors
 from netvlad.configs import ConfigError
 from netvlad.datasets.groundtruth import queries_without_positives
 from netvlad.datasets.placeset import PlaceDataset
@@ -41,7 +42,7 @@ from netvlad.evaluation import recall_at_n
 from netvlad.model import ModelConfig, NetVLADModel
 from netvlad.modelfile import save_model
 from training.config import TrainConfig
-from training.images import PlaceImages, collate_items, describe_images, forward_descriptors
+from training.images import PlaceImages, collate_items, describe_images
 from training.mining import HardNegativeMiner, MinedTuple
 from training.objectives import build_objective
 from training.run_state import check_dataset, read_run_state, restore_run_state, save_run_state
@@ -233,7 +234,7 @@ class Trainer:
         """One optimiser step; returns (loss, images forwarded)."""
         q_items, db_items = loaded
         tensors = [self.q_images.checked(it) for it in q_items] + [self.db_images.checked(it) for it in db_items]
-        desc = forward_descriptors(self.model, tensors, self.amp, self.config.channels_last)
+        desc = describe_tensors(self.model, tensors, self.amp, self.config.channels_last)
         sizes = [len(t.positives) + len(t.negatives) for t in tuples]
         query, rest = desc[: len(tuples)], desc[len(tuples) :]
         loss = self.objective(query, list(torch.split(rest, sizes)), tuples)
