@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 # Real photographs from the approved sources (Debian wallpaper packages, scikit-learn and
 # scikit-image samples); falls back to the bundled samples without network.
 $(PHOTOS)/manifest.json: $(VENV)/.installed
-	$(VENV)/bin/netvlad fetch-photos $(PHOTOS)
+	$(PY) tools/fetch_photos.py $(PHOTOS)
 
 photos: $(PHOTOS)/manifest.json
 

@@ -32,8 +32,8 @@ import torch
 from PIL import ImageOps
 
 import netvlad
-from netvlad.datasets.photos import collect_photos
 from netvlad.errors import ModelFileError
+from netvlad.imageio import find_photos
 from netvlad.index import Index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -147,7 +147,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    photos = collect_photos(args.photos)[: args.index_photos]
+    photos = sorted(find_photos([args.photos]))[: args.index_photos]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{len(photos)} photos, {args.requests} requests per level")
     with tempfile.TemporaryDirectory(prefix="netvlad-load-") as tmp:
@@ -155,7 +155,7 @@ def main() -> None:
         model = model_for(args, photos, workdir)
         with Index.create(workdir / "index", model, device="cpu") as index:
             index.add(photos)
-            index.checkpoint()
+            index.save()
         payloads = [(p.name, p.read_bytes() if args.mixed_shapes else camera_like(p)) for p in photos]
         shapes = {tuple(model.preprocess(netvlad.load_image(data)).shape) for _, data in payloads}
         print(f"model {model.config.backbone} K={model.config.clusters} dim={model.dim}, "

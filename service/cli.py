@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
 import netvlad
-from netvlad.datasets.photos import collect_photos
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import ModelFileError, NetVLADError
+from netvlad.imageio import find_photos
 from netvlad.index import MANIFEST, Index, read_manifest
 from netvlad.model import NetVLADModel
 from service.app import create_app
@@ -67,8 +67,17 @@ def demo_model(photos: list[Path]) -> NetVLADModel:
         return model
 
 
+def collect_photos(folder: Path) -> list[Path]:
+    """The demo's photos: those already fetched into `folder` (`make photos`), sorted; a clear
+    error naming `make photos` when there are none."""
+    photos = sorted(find_photos([folder])) if folder.is_dir() else []
+    if not photos:
+        raise NetVLADError(f"no photos in {folder}: run `make photos` first (it fetches the approved photos there)")
+    return photos
+
+
 def build_demo(directory: Path, photos_dir: Path, model: Optional[str]) -> tuple[Path, PlaceDataset]:
-    """Collect the demo photos, make their places and bring the demo index up to date; returns
+    """Read the demo photos, make their places and bring the demo index up to date; returns
     (index folder, the demo's place dataset)."""
     photos = collect_photos(photos_dir)
     places = demo_placeset(directory / "placeset", photos)
@@ -89,13 +98,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve_command(
-        index: Path = typer.Option(..., "--index", "-i", help="Index folder (from `netvlad index`).",
-                                   envvar="NETVLAD_INDEX_DIR"),
-        model: Optional[str] = typer.Option(None, "--model", "-m",
-                                            help="Model file or name; must be the index's (default: the index's own).",
-                                            envvar="NETVLAD_MODEL"),
-        host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-        port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+        index: Annotated[Path, typer.Option("--index", "-i", help="Index folder (from `netvlad index`).",
+                                            envvar="NETVLAD_INDEX_DIR")],
+        model: Annotated[Optional[str], typer.Option(
+            "--model", "-m", help="Model file or name; must be the index's (default: the index's own).",
+            envvar="NETVLAD_MODEL")] = None,
+        host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     ) -> None:
         """Serve the REST API and web page over an index. Other settings come from NETVLAD_*
         environment variables or .env (API key, limits, device, batching)."""
@@ -106,15 +115,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo_command(
-        directory: Path = typer.Option(DEMO_DIR, "--dir", help="Where the demo index goes."),
-        photos: Path = typer.Option(PHOTOS_DIR, "--photos", help="Folder for the demo photos (collected if missing)."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file (default: the shipped model)."),
-        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-        port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-        serve: bool = typer.Option(True, help="Start the server once the index is ready."),
+        directory: Annotated[Path, typer.Option("--dir", file_okay=False, help="Where the demo index goes.")] = DEMO_DIR,
+        photos: Annotated[Path, typer.Option(
+            "--photos", file_okay=False, help="Folder of the demo photos, as `make photos` fetches them.")] = PHOTOS_DIR,
+        model: Annotated[Optional[str], typer.Option(
+            "--model", "-m", help="Model file (default: the shipped model).")] = None,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+        serve: Annotated[bool, typer.Option(help="Start the server once the index is ready.")] = True,
     ) -> None:
-        """Build a demo collection from the approved real photos, index it, and serve it on localhost.
-        A second run reuses the photos and the index."""
+        """Build a demo collection from the approved real photos (`make photos`), index it, and
+        serve it on localhost. A second run reuses the index."""
         index_dir, places = build_demo(directory, photos, model)
         (lat, lon), = lat_lon(places.q_utm[:1])
         typer.echo(_banner(host, port, (places.q_paths()[0], lat, lon)))

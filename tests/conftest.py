@@ -1,8 +1,9 @@
 """Shared fixtures: the project's collection of real photos.
 
-`photos_dir` is `$NETVLAD_PHOTOS` when set (used as is), else `<repo>/data/photos`, which
-`collect_photos` creates or completes on first use (Debian wallpaper photos when the network
-allows, plus the scikit-image and scikit-learn photos), so tests always run on real photographs.
+`photos_dir` is `$NETVLAD_PHOTOS` when set (used as is), else `<repo>/data/photos` as `make photos`
+fetches it; when that folder has no manifest yet, the same tool (`tools/fetch_photos.py`) fetches
+it on first use (Debian wallpaper photos when the network allows, plus the scikit-image and
+scikit-learn photos), so tests always run on real photographs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from netvlad.datasets.photos import MANIFEST, collect_photos
 from netvlad.imageio import PHOTO_SUFFIXES
+from tools.fetch_photos import MANIFEST, fetch_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def photos_dir() -> Path:
         return path
     path = REPO / "data" / "photos"
     if not (path / MANIFEST).is_file():
-        collect_photos(path)
+        fetch_photos(path)
     return path
 
 

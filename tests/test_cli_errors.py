@@ -22,7 +22,6 @@ MISSING_CUDA = "cuda:99" if torch.cuda.is_available() else "cuda"
 
 # (id, arguments with {placeholders} for the fixture's files, fragment the error line must hold)
 CASES = [
-    ("fetch-photos-into-a-file", ["fetch-photos", "{file}", "--no-debian"], "is a file"),
     ("make-placeset-bad-size", ["make-placeset", "{photo}", "--out", "{new}", "--out-size", "0x5"], "0x5"),
     ("eval-missing-cuda", ["eval", "{dataset}", "--device", MISSING_CUDA], MISSING_CUDA),
     ("index-missing-cuda", ["index", "{empty}", "--index", "{new}", "--device", MISSING_CUDA], MISSING_CUDA),
@@ -32,18 +31,13 @@ CASES = [
     ("import-checkpoint-junk-mat", ["import-checkpoint", "{junk_mat}", "--out", "{new}.pt"], "not a readable MATLAB"),
     ("serve-missing-index", ["serve", "--index", "{missing}"], "no such index folder"),
     ("demo-photos-into-a-file", ["demo", "--photos", "{file}", "--dir", "{new}", "--no-serve"], "file"),
+    ("demo-without-photos", ["demo", "--photos", "{empty}", "--dir", "{new}", "--no-serve"], "make photos"),
     ("train-missing-cuda", ["train", "{dataset}", "--out", "{new}", "--model", "default", "--device", MISSING_CUDA],
      MISSING_CUDA),
     ("train-bad-loss", ["train", "{dataset}", "--out", "{new}", "--model", "default", "--loss", "hinge"], "hinge"),
     ("train-zero-lr", ["train", "{dataset}", "--out", "{new}", "--model", "default", "--lr", "0"], "lr must be > 0"),
     ("train-resume-without-run", ["train", "{dataset}", "--out", "{empty}", "--resume"], "no run state"),
 ]
-
-#: Cases that still fail, by id: why, and where the fix belongs (modules outside the CLI's).
-KNOWN_FAILURES = {
-    "demo-photos-into-a-file": "collect_photos (netvlad/datasets/photos.py) calls mkdir on a file: FileExistsError "
-                               "traceback; `demo --photos` (service/cli.py) should refuse a file (file_okay=False)",
-}
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +65,7 @@ def results(tmp_path_factory, real_photos) -> dict[str, subprocess.CompletedProc
         return dict(pool.map(run, [*CASES, ("help", ["--help"], "")]))
 
 
-def _case(name: str, args: list[str], fragment: str):
-    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name])] if name in KNOWN_FAILURES else []
-    return pytest.param(name, fragment, id=name, marks=marks)
-
-
-@pytest.mark.parametrize("name, fragment", [_case(*case) for case in CASES])
+@pytest.mark.parametrize("name, fragment", [pytest.param(name, fragment, id=name) for name, _, fragment in CASES])
 def test_bad_arguments_end_in_one_error_line(results, name, fragment):
     result = results[name]
     output = result.stdout + result.stderr

@@ -1,8 +1,7 @@
-"""Place dataset loading (CSV, .mat v5 and v7.3), ground truth and the photo collection."""
+"""Place dataset loading (CSV, .mat v5 and v7.3) and ground truth."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 import scipy.io
 
 from netvlad.datasets import groundtruth
-from netvlad.datasets.photos import MANIFEST, SKIMAGE_PHOTOS, SKLEARN_PHOTOS, collect_photos
 from netvlad.datasets.placeset import PlaceDataset, load_place_dataset, save_place_dataset
 from netvlad.errors import DatasetError
 
@@ -353,44 +351,3 @@ def test_mat_errors(tmp_path: Path):
     scipy.io.savemat(tmp_path / "partial.mat", {"dbStruct": {"dbImage": np.array(["a.jpg"], dtype=object), "utmDb": np.zeros((2, 1))}})
     with pytest.raises(DatasetError, match="lacks field.*qImage, utmQ"):
         load_place_dataset(tmp_path / "partial.mat")
-
-
-# ---------------------------------------------------------------- photo collection
-
-
-def test_collect_bundled_photos_is_idempotent(tmp_path: Path):
-    dest = tmp_path / "photos"
-    paths = collect_photos(dest, debian=False, max_side=300)
-    expected = sorted([f"skimage-{n}.jpg" for n in SKIMAGE_PHOTOS] + [f"sklearn-{Path(n).stem}.jpg" for n in SKLEARN_PHOTOS])
-    assert [p.name for p in paths] == expected
-    manifest = json.loads((dest / MANIFEST).read_text())
-    assert [e["file"] for e in manifest["photos"]] == expected and manifest["max_side"] == 300
-    from PIL import Image
-
-    for path, entry in zip(paths, manifest["photos"]):
-        with Image.open(path) as image:
-            assert image.format == "JPEG"
-            assert max(image.size) <= 300 and list(image.size) == entry["size"]
-            assert max(entry["original_size"]) >= 451  # all bundled photos are larger
-    with Image.open(dest / "skimage-camera.jpg") as image:
-        assert image.mode == "L"
-    stamps = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
-    assert collect_photos(dest, debian=False, max_side=300) == paths
-    assert {p: p.stat().st_mtime_ns for p in dest.iterdir()} == stamps
-    (dest / "sklearn-china.jpg").unlink()
-    assert collect_photos(dest, debian=False, max_side=300) == paths
-    assert (dest / "sklearn-china.jpg").is_file()
-
-
-def test_collect_warns_without_apt(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apt-get, as on a machine without it
-    with pytest.warns(UserWarning, match="could not fetch the Debian wallpaper photos.*apt-get not found"):
-        paths = collect_photos(tmp_path / "photos", max_side=200)
-    assert len(paths) == len(SKIMAGE_PHOTOS) + len(SKLEARN_PHOTOS)
-    assert not any(p.name.startswith("debian-") for p in paths)
-
-
-def test_photo_fixture_holds_real_photos(real_photos: list[Path]):
-    names = {p.name for p in real_photos}
-    assert {"sklearn-china.jpg", "skimage-astronaut.jpg"} <= names
-    assert all(p.stat().st_size > 10_000 for p in real_photos)

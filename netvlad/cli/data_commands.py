@@ -1,10 +1,8 @@
-"""Data commands: `fetch-photos` (the approved real photos) and `make-placeset` (a place dataset
-built from photos)."""
+"""Data command: `make-placeset` (a place dataset built from photos)."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,31 +10,10 @@ import typer
 
 from netvlad.cli.app import app
 from netvlad.datasets.make_placeset import PlacesetConfig, make_placeset
-from netvlad.datasets.photos import collect_photos
 from netvlad.errors import DatasetError
 from netvlad.imageio import find_photos
 
 _DEFAULTS = PlacesetConfig()
-
-
-@app.command("fetch-photos")
-def fetch_photos(
-    dest: Annotated[Path, typer.Argument(file_okay=False, help="Folder to collect the photos in (created if missing).")],
-    debian: Annotated[bool, typer.Option(help="Also fetch the photos in the approved Debian wallpaper packages.")] = True,
-    max_side: Annotated[int, typer.Option(min=64, help="Longest side of the stored photos, pixels.")] = 1600,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Collect the project's real photos (Debian wallpapers, scikit-image, scikit-learn) as JPEG
-    files with a manifest. Running it again only adds what is missing."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        paths = collect_photos(dest, debian=debian, max_side=max_side)
-    for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
-    if as_json:
-        typer.echo(json.dumps({"dest": str(dest), "photos": [str(p) for p in paths]}))
-    else:
-        typer.echo(f"{len(paths)} photos in {dest}")
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -1,4 +1,7 @@
-"""A local collection of real photographs from the project's approved sources.
+"""Fetch the project's real photographs from its approved sources into a folder (`make photos`).
+
+Usage: ``python tools/fetch_photos.py DEST [--no-debian] [--max-side 1600]``. Tests and the demo
+read the photos from that folder (`data/photos` by default); the library never fetches anything.
 
 Sources (and only these): photos in the Debian packages `lomiri-wallpapers-16.04` and
 `lomiri-wallpapers-20.04` (fetched with `apt-get download` + `dpkg -x`, never installed; the
@@ -10,10 +13,12 @@ where every file came from; the Debian packages' copyright files are copied next
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -51,7 +56,7 @@ SKIMAGE_PHOTOS = (
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
 
-def collect_photos(dest: Path, debian: bool = True, max_side: int = 1600) -> list[Path]:
+def fetch_photos(dest: Path, debian: bool = True, max_side: int = 1600) -> list[Path]:
     """Write the approved photos into `dest` as JPEG (long side ≤ `max_side` px) and return the
     paths of every photo in the collection, sorted. Idempotent: files already listed in the manifest with the same `max_side` are
     kept, so a second call writes nothing. When the Debian packages cannot be downloaded (no
@@ -161,3 +166,23 @@ def _run(command: list[str], cwd: Path) -> None:
     except subprocess.TimeoutExpired as exc:
         raise _DownloadError(f"{' '.join(command[:2])} timed out") from exc
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dest", type=Path, help="folder to collect the photos in (created if missing)")
+    parser.add_argument("--no-debian", dest="debian", action="store_false",
+                        help="only the scikit-image and scikit-learn photos, not the Debian wallpaper packages")
+    parser.add_argument("--max-side", type=int, default=1600, help="longest side of the stored photos, pixels")
+    args = parser.parse_args()
+    if args.dest.exists() and not args.dest.is_dir():
+        parser.error(f"{args.dest} is a file, not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = fetch_photos(args.dest, debian=args.debian, max_side=args.max_side)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print(f"{len(paths)} photos in {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
