@@ -34,7 +34,7 @@ def small_index(folder: Path, photos: list[Path]) -> Path:
     with Index.create(folder / "index", model, device="cpu") as index:
         index.set_root(photos[0].parent)
         index.add(photos[:8])
-        index.checkpoint()
+        index.save()
     return folder / "index"
 
 

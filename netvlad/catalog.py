@@ -25,10 +25,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +36,7 @@ import numpy as np
 from netvlad.errors import DiskFullError, IndexStoreError
 from netvlad.exif import PhotoInfo
 from netvlad.metadata import clean_coordinate, clean_extra, clean_taken_at
+from netvlad.sqlitedb import SQLiteDatabase
 from netvlad.storage import is_disk_full
 
 SCHEMA_VERSION = 1
@@ -130,6 +129,20 @@ class ImageRecord:
         return display_path(name)
 
 
+RECORD_COLUMNS = "id, sha256, size, status, width, height, taken_at, lat, lon, metadata, error, added_at"
+
+
+def record_from_row(row: tuple) -> ImageRecord:
+    """An `ImageRecord` (no files yet) from a row of RECORD_COLUMNS, its values cleaned: what the
+    catalog holds can never fail a read."""
+    lat, lon = clean_coordinate("lat", row[7]), clean_coordinate("lon", row[8])
+    return ImageRecord(
+        id=row[0], sha256=row[1], size=row[2], status=row[3], width=row[4], height=row[5],
+        taken_at=clean_taken_at(row[6]), lat=lat if lon is not None else None,
+        lon=lon if lat is not None else None, metadata=clean_extra(row[9]), error=row[10], added_at=row[11],
+    )
+
+
 class FileState(NamedTuple):
     """What the catalog remembers of a path: size and mtime (ns) when it was hashed."""
 
@@ -137,22 +150,12 @@ class FileState(NamedTuple):
     mtime_ns: int
 
 
-class Catalog:
-    """SQLite catalog (WAL, synchronous=FULL: a committed change survives a crash).
-
-    One connection per thread; `transaction()` is re-entrant within a thread, so several writes
-    can be grouped into one atomic commit. Writers should be serialised by the caller (`Index`).
-    `readonly` opens it for reading only, also on a read-only file system (where SQLite cannot
-    create the WAL's shared-memory file, the file is opened as immutable: nobody can write it).
-    """
+class Catalog(SQLiteDatabase):
+    """The catalog of one index folder (see the module docstring); writers are serialised by the
+    caller (`Index`). `readonly`: see `SQLiteDatabase`."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
-        self.path = Path(path)
-        self.readonly = readonly
-        self._uri = f"file:{self.path.resolve()}?mode=ro" if readonly else None
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        super().__init__(path, readonly)
         try:
             if readonly:
                 self._open_readonly()
@@ -178,77 +181,16 @@ class Catalog:
             self.close()
             raise
 
-    # ------------------------------------------------------------------------------ plumbing
-
-    def _open_readonly(self) -> None:
-        if not self.path.is_file():
-            raise IndexStoreError(f"{self.path}: no catalog")
-        try:
-            self.connection.execute("SELECT COUNT(*) FROM meta").fetchone()
-        except sqlite3.OperationalError:  # e.g. "unable to open database file" on a read-only folder
-            self.close()
-            self._uri = f"file:{self.path.resolve()}?immutable=1"
-
-    @property
-    def connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            target = self._uri or self.path
-            conn = sqlite3.connect(target, timeout=60, isolation_level=None, check_same_thread=False,
-                                   uri=self._uri is not None)
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn, self._local.depth = conn, 0
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error); nested calls join the outer transaction."""
-        conn = self.connection
-        if self._local.depth:
-            self._local.depth += 1
-            try:
-                yield conn
-            finally:
-                self._local.depth -= 1
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        self._local.depth = 1
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-        finally:
-            self._local.depth = 0
-
-    def close(self) -> None:
-        """Close every thread's connection."""
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
-
-    def get_meta(self, key: str) -> str | None:
-        row = self.connection.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def set_meta(self, key: str, value: object) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (key, str(value)),
-            )
-
     @property
     def revision(self) -> int:
         """Counter bumped in every transaction that changes the set of indexed descriptors."""
         return int(self.get_meta("revision") or 0)
+
+    @property
+    def root(self) -> Path | None:
+        """The photo folder catalogued (None before the first `netvlad index`)."""
+        value = self.get_meta("root")
+        return Path(value) if value else None
 
     def _bump(self, conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
@@ -447,18 +389,8 @@ class Catalog:
         for start in range(0, len(ids), 900):
             chunk = [int(i) for i in ids[start : start + 900]]
             marks = ",".join("?" * len(chunk))
-            for row in self.connection.execute(
-                "SELECT id, sha256, size, status, width, height, taken_at, lat, lon, metadata, error, added_at"
-                f" FROM images WHERE id IN ({marks})",
-                chunk,
-            ):
-                lat, lon = clean_coordinate("lat", row[7]), clean_coordinate("lon", row[8])
-                out[row[0]] = ImageRecord(
-                    id=row[0], sha256=row[1], size=row[2], status=row[3], width=row[4], height=row[5],
-                    taken_at=clean_taken_at(row[6]), lat=lat if lon is not None else None,
-                    lon=lon if lat is not None else None, metadata=clean_extra(row[9]),
-                    error=row[10], added_at=row[11],
-                )
+            for row in self.connection.execute(f"SELECT {RECORD_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+                out[row[0]] = record_from_row(row)
             for image_id, stored, origin in self.connection.execute(
                 f"SELECT image_id, path, origin FROM files WHERE image_id IN ({marks}) ORDER BY path", chunk
             ):

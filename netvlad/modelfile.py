@@ -74,9 +74,13 @@ def read_model_file(path: Path) -> dict:
     return payload
 
 
-def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device | None = "cpu") -> NetVLADModel:
+def load_model(name_or_path: str | os.PathLike | NetVLADModel = "default",
+               device: str | torch.device | None = "cpu") -> NetVLADModel:
     """Rebuild the model described by a model file (or built-in name) and load its weights; eval mode,
-    on `device` ("auto" or None: CUDA when available; see `netvlad.devices`)."""
+    on `device` ("auto" or None: CUDA when available; see `netvlad.devices`). A model object is
+    moved there as it is."""
+    if isinstance(name_or_path, NetVLADModel):
+        return name_or_path.to(resolve_device(device)).eval()
     path = resolve_model_path(name_or_path)
     payload = read_model_file(path)
     try:

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from netvlad.catalog import ImageRecord
 from netvlad.errors import PhotoFileError
 from netvlad.storage import confined_target, open_confined
 
@@ -47,3 +48,20 @@ def open_photo_file(base: Path, path: str, size: int, sha256: str) -> BinaryIO:
         handle.close()
         raise
     return handle
+
+
+def open_indexed_photo(record: ImageRecord, files: list[tuple[str, str]], bases: dict[str, Path | None]) -> BinaryIO:
+    """The first of an indexed photo's `files` [(path, origin)] that passes the checks, opened;
+    `bases` maps an origin to the folder its paths are relative to (origins not in it are never
+    served). `PhotoFileError` saying why none can be served."""
+    if record.status != "indexed":
+        raise PhotoFileError(f"image {record.id} is {record.status}, not indexed")
+    reason = "it has no file in the collection (added by a path outside it)"
+    for path, origin in files:
+        if bases.get(origin) is None:
+            continue
+        try:
+            return open_photo_file(bases[origin], path, record.size, record.sha256)
+        except PhotoFileError as exc:
+            reason = str(exc)
+    raise PhotoFileError(f"image {record.id}: {reason}")

@@ -1,4 +1,5 @@
-"""Search results, multi-photo fusion and location estimate (soft order statistics: docs/design.md).
+"""Search: ranking an index's descriptors for query photos, multi-photo fusion, location estimate
+and the results (soft order statistics: docs/design.md §3).
 
 Several query photos of one place are fused robustly: a database image's score is the soft median
 of its cosine similarities to each query photo, so one blurred, occluded or wrong photo among
@@ -15,8 +16,9 @@ import numpy as np
 import pyproj
 import torch
 
-from netvlad.catalog import ImageRecord
+from netvlad.catalog import Catalog, ImageRecord
 from netvlad.soft import softargmax, softmedian, weighted_softmedian
+from netvlad.vectorindex import VectorIndex
 
 FUSIONS = ("softmedian", "mean", "max")
 #: Sharpness of the fusion soft median, per unit of cosine similarity: similarities 0.1 apart
@@ -117,3 +119,42 @@ def estimate_location(
     east, north = float(estimate[0]), float(estimate[1])
     est_lon, est_lat, _ = WGS84.fwd(lon[best], lat[best], np.degrees(np.arctan2(east, north)), np.hypot(east, north))
     return Location(lat=float(est_lat), lon=float(est_lon), support=int(known.sum()), spread_m=spread)
+
+
+def rank(vectors: VectorIndex, catalog: Catalog, resolve, queries: np.ndarray, k: int, fusion: str,
+         alpha: float = FUSION_ALPHA) -> SearchResult:
+    """The top `k` of `vectors` for (m, dim) query descriptors of one place, with their catalog
+    records (`resolve(path, origin)` gives absolute paths). The m rankings are fused
+    (`fuse_scores`) over a candidate pool of each query's top max(4k, 50), rescored exactly with
+    the catalog's descriptors when there are several queries or the faiss scores are approximate.
+    The caller keeps `vectors` and `catalog` from changing meanwhile."""
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
+    n = len(vectors)
+    if n == 0 or k < 1:
+        return SearchResult([], None, fusion, len(q))
+    k = min(int(k), n)
+    rescore = len(q) > 1 or vectors.spec.quantised
+    scores, ids = vectors.search(q, min(n, max(4 * k, 50)) if rescore else k)
+    if rescore:
+        candidates = np.unique(ids[ids >= 0])
+        # torch, not numpy: one thread pool for small products (see vectorindex.SMALL_BATCH)
+        sims = (torch.from_numpy(catalog.descriptors(candidates, q.shape[1])) @ torch.from_numpy(q).T).numpy()
+    else:
+        keep = ids[0] >= 0
+        candidates, sims = ids[0][keep], scores[0][keep, None]
+    fused = fuse_scores(sims, fusion, alpha)
+    order = np.argsort(-fused, kind="stable")[:k]
+    records = catalog.records(candidates[order].tolist(), resolve)
+    hits = []
+    for i in order:
+        record = records.get(int(candidates[i]))
+        hits.append(Hit(
+            id=int(candidates[i]), score=float(fused[i]), path=record.path if record else None,
+            lat=record.lat if record else None, lon=record.lon if record else None,
+            query_scores=[float(s) for s in sims[i]], record=record,
+        ))
+    coords = np.array([[np.nan if h.lat is None else h.lat, np.nan if h.lon is None else h.lon] for h in hits])
+    location = estimate_location(coords[:, 0], coords[:, 1], fused[order]) if hits else None
+    return SearchResult(hits, location, fusion, len(q))

@@ -78,7 +78,7 @@ def close_state(state: ServiceState) -> None:
     """Save the faiss index next to the catalog (faster next start) and release the folder."""
     try:
         if state.index.writable:
-            state.index.checkpoint()
+            state.index.save()
     except DiskFullError as exc:  # the catalog is durable already; the faiss file is only a cache
         log.warning("faiss index not saved: %s", exc)
     finally:

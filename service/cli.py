@@ -15,7 +15,8 @@ import netvlad
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import ModelFileError, NetVLADError
 from netvlad.imageio import find_photos
-from netvlad.index import MANIFEST, Index, read_manifest
+from netvlad.index import Index
+from netvlad.indexfolder import MANIFEST, read_manifest
 from netvlad.model import NetVLADModel
 from service.app import create_app
 from service.demo import demo_placeset, fill_demo_index, lat_lon

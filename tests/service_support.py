@@ -42,7 +42,7 @@ def small_index(tmp_path_factory: pytest.TempPathFactory, photos: list[Path], na
         with Index.create(master, small_model(tmp_path_factory, photos), device="cpu") as index:
             index.set_root(photos[0].parent)  # a collection: its files may be served
             index.add(photos[:INDEXED], [coordinates(i) for i in range(INDEXED)])
-            index.checkpoint()
+            index.save()
     copy = tmp_path_factory.mktemp(name) / "index"
     shutil.copytree(master, copy, ignore=shutil.ignore_patterns(".lock"))
     return copy

@@ -21,7 +21,8 @@ from PIL import Image
 import netvlad
 from netvlad.cli import main
 from netvlad.errors import ImageError, IndexStoreError
-from netvlad.index import MANIFEST, Index, read_manifest
+from netvlad.index import Index
+from netvlad.indexfolder import MANIFEST, read_manifest
 from netvlad.imageio import walk_photos
 from netvlad.indexing import index_folder
 from netvlad.vectorindex import FLAT_LIMIT, IndexSpec, VectorIndex, choose_spec
@@ -304,7 +305,7 @@ def test_vector_index_types_keep_catalog_ids(factory, tmp_path):
 def test_requested_type_falls_back_to_exact_until_it_can_be_trained(sources, model_path, tmp_path):
     with Index.create(tmp_path / "index", model_path, index_type="IVF64,PQ16", device="cpu") as index:
         index.add(sources[:3])
-        index.checkpoint()
+        index.save()
         assert index.spec.factory == "Flat" and read_manifest(index.directory)["index"]["requested"] == "IVF64,PQ16"
     with pytest.raises(IndexStoreError, match="bad index type"):
         VectorIndex.create(8, IndexSpec("NoSuchIndex", "ip"))

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 import netvlad
-from netvlad.index import CATALOG, Index, read_manifest
+from netvlad.index import Index
+from netvlad.indexfolder import CATALOG, read_manifest
 from tests.service_support import small_model
 
 CROPS_PER_PHOTO = 4

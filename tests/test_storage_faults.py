@@ -87,7 +87,7 @@ def master_index(tmp_path_factory, real_photos, photos) -> Path:
     with Index.create(directory, small_model(tmp_path_factory, real_photos), device="cpu") as index:
         index.set_root(photos)
         index.add(sorted(photos.iterdir())[:4])
-        index.checkpoint()
+        index.save()
     return directory
 
 

@@ -29,7 +29,7 @@ async def readyz(request: Request):
         return JSONResponse(Ready(ready=False, detail="model and index not loaded").model_dump(), status_code=503)
     try:
         count = await run_in_threadpool(len, state.index)
-        await run_in_threadpool(state.index.catalog.counts)
+        await run_in_threadpool(state.index.counts)
     except Exception as exc:  # whatever breaks the catalog or index makes the service unready
         return JSONResponse(Ready(ready=False, model=state.model_name, detail=f"index unavailable: {exc}").model_dump(),
                             status_code=503)
