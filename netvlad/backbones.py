@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 from torchvision import models
 

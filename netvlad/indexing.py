@@ -9,7 +9,7 @@
 2. *Describe*: a torch DataLoader decodes and preprocesses pending photos in worker processes
    (pinned memory on CUDA) in batches of equal shape; each batch's descriptors are stored in the
    catalog in one transaction, and photos that fail to decode are marked failed with the reason.
-3. *Save*: the faiss index is brought up to date and saved (also every `checkpoint_every`
+3. *Save*: the faiss index is brought up to date and saved (also every `save_every`
    seconds during long runs).
 
 A run killed at any moment is resumed by running it again: committed work is kept, the rest is
@@ -120,7 +120,7 @@ def scan_folder(index: Index, root: Path, prune: bool, report: IndexingReport, p
 
 
 def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16, workers: int | None = None,
-                     progress: bool = True, checkpoint_every: float = 600.0) -> None:
+                     progress: bool = True, save_every: float = 600.0) -> None:
     """Describe every pending image of the catalog (step 2); fills `report`."""
     pending = index.catalog.pending()
     if not pending:
@@ -137,7 +137,7 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
         pin_memory=model.device.type == "cuda",
     )
     bar = tqdm(total=len(items), desc="describe", unit="img", disable=not progress, smoothing=0.05)
-    last_checkpoint = time.monotonic()
+    last_save = time.monotonic()
     for ids, descriptors, failures in describe_batches(model, loader, index.amp, network_errors=True):
         bar.update(len(ids) + len(failures))
         if ids:
@@ -146,14 +146,14 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
         if failures:
             index.mark_failed([(image_id, error.reason) for image_id, error in failures])
             report.failed += len(failures)
-        if time.monotonic() - last_checkpoint > checkpoint_every:
+        if time.monotonic() - last_save > save_every:
             index.save()
-            last_checkpoint = time.monotonic()
+            last_save = time.monotonic()
     bar.close()
 
 
 def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, batch_size: int = 16,
-                 workers: int | None = None, progress: bool = True, checkpoint_every: float = 600.0) -> IndexingReport:
+                 workers: int | None = None, progress: bool = True, save_every: float = 600.0) -> IndexingReport:
     """Bring `index` up to date with photo folder `photos` (scan, describe, save)."""
     start = time.perf_counter()
     root = Path(photos)
@@ -162,7 +162,7 @@ def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, b
     root = index.set_root(root)
     report = IndexingReport()
     scan_folder(index, root, prune, report, progress)
-    describe_pending(index, report, batch_size, workers, progress, checkpoint_every)
+    describe_pending(index, report, batch_size, workers, progress, save_every)
     index.save()
     report.seconds = time.perf_counter() - start
     report.images = len(index)

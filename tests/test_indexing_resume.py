@@ -67,7 +67,7 @@ def test_kill_at_random_points_then_resume(folder, model_path, tmp_path):
     root, distinct, bad = folder
     index_dir = tmp_path / "index"
     args = [*CLI, "index", str(root), "--index", str(index_dir), "--model", str(model_path), "--batch-size", "1",
-            "--workers", "0", "--checkpoint-every", "1", "-q", "--json"]
+            "--workers", "0", "--save-every", "1", "-q", "--json"]
     rng = random.Random(1234)
     kills = []  # indexed count when each kill landed
     for attempt in range(3):

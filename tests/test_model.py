@@ -1,6 +1,5 @@
 """NetVLADModel: backbones, describe(), whitening, model files, initialisation from real photos."""
 
-import warnings
 
 import numpy as np
 import pytest

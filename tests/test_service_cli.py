@@ -58,7 +58,7 @@ def test_demo_builds_places_finds_them_and_reuses_its_index(real_photos, tmp_pat
     sources = sorted(real_photos, key=lambda p: (not p.name.startswith("debian-"), p.name))[:2]  # large photos
     for path in sources:
         shutil.copy(path, photos / path.name)
-    # The approved-sources collector is tested with the datasets; here: the photos already there.
+    # The photo fetcher is tested in test_fetch_photos.py; here: the photos already there.
     monkeypatch.setattr(cli, "collect_photos", lambda folder: sorted(folder.glob("*.jpg")))
     args = ["demo", "--dir", str(tmp_path / "demo"), "--photos", str(photos), "--no-serve"]  # the shipped model
     first = CliRunner().invoke(cli_app(), args)

@@ -35,8 +35,8 @@ def main() -> None:
     """Run the CLI and turn expected errors into one line on stderr."""
     register_plugins()
     try:
-        app()  # typer handles usage errors and exits itself
+        app()  # usage errors: one line and exit code 2 (see netvlad.cli.app)
     except (NetVLADError, OSError, sqlite3.OperationalError) as exc:
         message = f"disk full: {exc}" if is_disk_full(exc) else str(exc)
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message
         sys.exit(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -17,6 +17,7 @@ from netvlad.indexing import index_folder
 from netvlad.search import FUSIONS, SearchResult
 
 THUMBNAIL_COLUMNS = 5
+Fusion = Literal[FUSIONS]
 
 
 @app.command("index")
@@ -33,7 +34,8 @@ def index_command(
     max_pixels: Annotated[int, typer.Option(min=1, help="Skip photos with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bfloat16 autocast (default: on CUDA only).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
-    checkpoint_every: Annotated[float, typer.Option(min=1.0, help="Seconds between saves of the faiss index.")] = 600.0,
+    save_every: Annotated[float, typer.Option("--save-every", "--checkpoint-every",
+                                              min=1.0, help="Seconds between saves of the faiss index.")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -43,7 +45,7 @@ def index_command(
     with Index.open_or_create(index_dir, model, index_type, device=device, amp=amp) as index:
         index.max_pixels = max_pixels
         report = index_folder(index, photos, prune=prune, batch_size=batch_size, workers=workers,
-                              progress=not quiet, checkpoint_every=checkpoint_every)
+                              progress=not quiet, save_every=save_every)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
@@ -94,15 +96,13 @@ def search_command(
     images: Annotated[list[Path], typer.Argument(help="Query photo(s), all of the same place.")],
     index_dir: Annotated[Path, typer.Option("--index", help="Index folder built by `netvlad index`.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of results.")] = 10,
-    fusion: Annotated[str, typer.Option(help=f"How several query photos are combined: {', '.join(FUSIONS)}.")] = "softmedian",
+    fusion: Annotated[Fusion, typer.Option(help="How several query photos are combined.")] = "softmedian",
     model: Annotated[Optional[str], typer.Option(help="Model file (default: the index's own; must match it).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
     thumbnails: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of queries and results (PNG).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Find the indexed photos of the place shown in one or several query photos."""
-    if fusion not in FUSIONS:
-        raise typer.BadParameter(f"{fusion!r} is not one of: {', '.join(FUSIONS)}", param_hint="--fusion")
     with Index.open(index_dir, model, writable=False, device=device) as index:
         result = index.search([str(p) for p in images], k=top_k, fusion=fusion)
     if thumbnails is not None:
