@@ -34,6 +34,7 @@ AUTH = {401: {"model": ErrorOut, "description": "API key missing or wrong."}}
 WRITE_AUTH = {**AUTH, 403: {"model": ErrorOut, "description": "Writes are disabled on this service."}}
 UPLOAD_ERRORS = {
     **WRITE_AUTH,
+    400: {"model": ErrorOut, "description": "Malformed multipart body."},
     413: {"model": ErrorOut, "description": "File or image over the size or pixel limit."},
     415: {"model": ErrorOut, "description": "Not an image."},
     422: {"description": "Corrupt image, or invalid metadata."},

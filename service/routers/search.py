@@ -19,6 +19,7 @@ from service.uploads import decode_upload
 router = APIRouter(tags=["search"], route_class=GuardedRoute)
 
 ERRORS = {
+    400: {"model": ErrorOut, "description": "Malformed multipart body."},
     401: {"model": ErrorOut, "description": "API key missing or wrong (when reads are protected)."},
     413: {"model": ErrorOut, "description": "A file or image over the size or pixel limit."},
     415: {"model": ErrorOut, "description": "A file that is not an image."},
