@@ -4,8 +4,13 @@ A query counts as recalled at N when at least one of its N most similar database
 is a positive, i.e. a database image within the dataset's positive radius (docs/design.md §6.3).
 Similarity is the cosine: exact inner-product search (`faiss.IndexFlatIP`) on L2-normalised
 rows, which ranks unit-norm descriptors exactly as Euclidean distance does, and ranks a zero
-descriptor (e.g. a photo without keypoints) neutrally instead of next to everything. Queries
-without any positive are left out of the denominator and reported as `skipped`.
+descriptor (e.g. a photo without keypoints) neutrally instead of next to everything.
+
+Queries without any positive: by default they count as misses and Recall@N divides by all
+queries (``queries="all"``), the convention of the community's evaluation code
+(pytorch-NetVlad, gmberton's deep-visual-geo-localization-benchmark and VPR-methods-evaluation),
+so figures compare with published ones. ``queries="with-positives"`` leaves them out of the
+denominator instead (reported as `skipped`). Either way `without_positives` counts them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import DatasetError
 
 DEFAULT_NS = (1, 5, 10, 20)
+#: Which queries Recall@N divides by: all of them (community protocol, the default), or only
+#: those with at least one positive.
+QUERY_CONVENTIONS = ("all", "with-positives")
 
 
 class Describer(Protocol):
@@ -42,12 +50,15 @@ def recall_at_n(
     positives: Sequence[np.ndarray],
     ns: Sequence[int] = DEFAULT_NS,
     per_query: bool = False,
+    queries: str = "all",
 ) -> dict:
     """Recall@N of queries against a database by exact cosine-similarity search.
 
     db_desc: (Nd, D), q_desc: (Nq, D) descriptors; positives: Nq integer arrays of database
-    indices. Returns {"recall": {N: fraction}, "queries": evaluated queries, "skipped": queries
-    without positives}; N larger than Nd behaves as Nd. With `per_query`, also
+    indices; `queries`: one of QUERY_CONVENTIONS (see the module docstring). Returns
+    {"recall": {N: fraction}, "queries": the denominator, "skipped": queries left out of it,
+    "without_positives": queries without any positive, "convention": `queries`}; N larger than
+    Nd behaves as Nd. With `per_query`, also
     "first_positive_rank" (Nq,) int64, the 1-based rank of the first positive among the
     k = max(ns) retrieved (-1: none in the top k, or no positives), and "top_ids" (Nq, k) int64
     database indices, most similar first.
@@ -59,6 +70,8 @@ def recall_at_n(
     if len(positives) != len(q):
         raise ValueError(f"{len(positives)} positive sets for {len(q)} queries")
     ns = _check_ns(ns)
+    if queries not in QUERY_CONVENTIONS:
+        raise ValueError(f"queries must be one of {QUERY_CONVENTIONS}, not {queries!r}")
     if len(db) == 0:
         raise DatasetError("the database is empty")
     counts = np.array([len(p) for p in positives], dtype=np.int64)
@@ -79,11 +92,13 @@ def recall_at_n(
     hits = np.isin(np.arange(len(q), dtype=np.int64)[:, None] * len(db) + top_ids, pair_keys)
     first = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, -1)
 
-    found = first[evaluated]
+    found = first if queries == "all" else first[evaluated]  # no positive: first == -1, a miss
     result: dict = {
         "recall": {n: float(np.mean((found > 0) & (found <= n))) for n in ns},
-        "queries": int(evaluated.sum()),
-        "skipped": int((~evaluated).sum()),
+        "queries": len(found),
+        "skipped": len(first) - len(found),
+        "without_positives": int((~evaluated).sum()),
+        "convention": queries,
     }
     if per_query:
         result["first_positive_rank"] = first.astype(np.int64)
@@ -97,8 +112,10 @@ def evaluate(
     ns: Sequence[int] = DEFAULT_NS,
     per_query: bool = False,
     progress: bool = False,
+    queries: str = "all",
 ) -> dict:
-    """Describe the dataset's database and query photos, then `recall_at_n` on its positives.
+    """Describe the dataset's database and query photos, then `recall_at_n` on its positives
+    (`queries`: which queries Recall@N divides by, see QUERY_CONVENTIONS).
 
     `describer` is an object with `.describe(images, progress=...)` (a NetVLADModel, a
     baseline) or a function of a list of paths returning (N, dim) descriptors. Adds to the
@@ -114,7 +131,7 @@ def evaluate(
     for what, desc, paths in (("database", db_desc, db_paths), ("query", q_desc, q_paths)):
         if len(desc) != len(paths):
             raise ValueError(f"the describer returned {len(desc)} {what} descriptors for {len(paths)} photos")
-    result = recall_at_n(db_desc, q_desc, dataset.positives(), ns, per_query=per_query)
+    result = recall_at_n(db_desc, q_desc, dataset.positives(), ns, per_query=per_query, queries=queries)
     result.update(
         dim=int(db_desc.shape[1]),
         database=len(db_paths),

@@ -46,7 +46,7 @@ def random_case(seed, nd=300, nq=80, dim=24):
 def test_recall_matches_brute_force_on_random_data(seed):
     db, q, positives = random_case(seed)
     ns = (1, 2, 5, 10, 20)
-    result = recall_at_n(db, q, positives, ns, per_query=True)
+    result = recall_at_n(db, q, positives, ns, per_query=True, queries="with-positives")
     recall, ranks, top = brute_force_recall(db, q, positives, ns)
     assert result["recall"] == pytest.approx(recall, abs=1e-12)
     np.testing.assert_array_equal(result["first_positive_rank"], ranks)
@@ -64,11 +64,29 @@ def test_hand_made_case():
     # Query 0's nearest (0°) is a positive; query 1's nearest is 90°, its positive is 180° (2nd);
     # query 2 has no positive.
     positives = [np.array([0]), np.array([2]), np.array([], dtype=np.int64)]
-    result = recall_at_n(db, q, positives, ns=(1, 2, 3), per_query=True)
+    result = recall_at_n(db, q, positives, ns=(1, 2, 3), per_query=True, queries="with-positives")
     assert result["recall"] == {1: 0.5, 2: 1.0, 3: 1.0}
     assert result["queries"] == 2 and result["skipped"] == 1
     assert result["first_positive_rank"].tolist() == [1, 2, -1]
     assert result["top_ids"][:, 0].tolist() == [0, 1, 2]
+
+
+def test_both_query_conventions_on_a_case_with_queries_without_positives():
+    """The community's protocol (default) divides by all queries: one without a positive is a
+    miss at every N; the other convention leaves it out of the denominator."""
+    angles = np.deg2rad([0, 90, 180, 270])
+    db = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    q = np.stack([np.cos(np.deg2rad([10, 100, 200, 300])), np.sin(np.deg2rad([10, 100, 200, 300]))], axis=1)
+    positives = [np.array([0]), np.array([2]), np.array([], dtype=np.int64), np.array([], dtype=np.int64)]
+    community = recall_at_n(db, q, positives, ns=(1, 2, 4))
+    assert community["recall"] == {1: 0.25, 2: 0.5, 4: 0.5}
+    assert (community["queries"], community["skipped"], community["without_positives"]) == (4, 0, 2)
+    assert community["convention"] == "all"
+    left_out = recall_at_n(db, q, positives, ns=(1, 2, 4), queries="with-positives")
+    assert left_out["recall"] == {1: 0.5, 2: 1.0, 4: 1.0}
+    assert (left_out["queries"], left_out["skipped"], left_out["without_positives"]) == (2, 2, 2)
+    with pytest.raises(ValueError, match="queries must be one of"):
+        recall_at_n(db, q, positives, queries="some")
 
 
 def test_n_beyond_database_size_and_scale_invariance():
@@ -129,9 +147,11 @@ def test_evaluate_with_a_describe_function(tmp_path):
         angle = np.array([where[p][0] for p in paths]) / 2000.0
         return np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
 
-    result = evaluate(oracle, dataset, ns=(1, 5), per_query=True)
+    result = evaluate(oracle, dataset, ns=(1, 5), per_query=True, queries="with-positives")
     assert result["recall"] == {1: 1.0, 5: 1.0}
     assert (result["queries"], result["skipped"]) == (4, 1)  # the query at 1000 m has no positive
+    community = evaluate(oracle, dataset, ns=(1, 5))
+    assert community["recall"] == {1: 0.8, 5: 0.8} and community["without_positives"] == 1
     assert result["dim"] == 2 and result["database"] == 20 and result["images_per_s"] > 0
     assert result["top_ids"][:4, 0].tolist() == [1, 5, 13, 19]
 

@@ -7,7 +7,7 @@ import time
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -15,11 +15,12 @@ from netvlad.baselines import BASELINES, fit_baseline
 from netvlad.cli.app import app
 from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
 from netvlad.devices import resolve_device
-from netvlad.evaluation import DEFAULT_NS, evaluate, plot_recall, write_per_query_csv
+from netvlad.evaluation import DEFAULT_NS, QUERY_CONVENTIONS, evaluate, plot_recall, write_per_query_csv
 from netvlad.modelfile import load_model
 
 #: The `--baseline` choices (typer takes repeatable choices as an Enum).
 Baseline = Enum("Baseline", [(name, name) for name in BASELINES], type=str)
+QueryConvention = Literal[QUERY_CONVENTIONS]
 
 
 def _parse_ns(text: str) -> tuple[int, ...]:
@@ -52,6 +53,10 @@ def eval_command(
     pos_radius: Annotated[
         Optional[float], typer.Option("--pos-radius", min=0.0, help="Positive radius in metres (default: the dataset's, 25 m).")
     ] = None,
+    queries: Annotated[QueryConvention, typer.Option(help=(
+        "Which queries Recall@N divides by: all (queries without a positive count as misses; the community's "
+        "protocol, as pytorch-NetVlad and the VPR benchmarks) or with-positives (those are left out)."
+    ))] = "all",
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
     device: Annotated[
         str, typer.Option(help="Torch device for the networks: auto (cuda when available), cpu, cuda, cuda:1, …")
@@ -70,12 +75,13 @@ def eval_command(
     model = load_model(model_path, device=torch_device)
     describe_model = partial(model.describe, batch_size=batch_size, progress=progress)
 
-    results = {Path(model_path).name: {"fit_s": 0.0, **evaluate(describe_model, dataset, ns, per_query=per_query is not None)}}
+    run = partial(evaluate, dataset=dataset, ns=ns, per_query=per_query is not None, queries=queries)
+    results = {Path(model_path).name: {"fit_s": 0.0, **run(describe_model)}}
     for name in dict.fromkeys(b.value for b in baselines or []):
         start = time.perf_counter()
         baseline = fit_baseline(name, dataset.db_paths(), model.config, seed=seed, device=torch_device, progress=progress)
         fit_s = time.perf_counter() - start
-        results[name] = {"fit_s": fit_s, **evaluate(baseline, dataset, ns, per_query=per_query is not None, progress=progress)}
+        results[name] = {"fit_s": fit_s, **run(baseline, progress=progress)}
 
     if per_query is not None:
         write_per_query_csv(per_query, dataset, results)
@@ -99,6 +105,8 @@ def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], resu
         "queries": len(dataset.q_images),
         "evaluated_queries": first["queries"],
         "skipped_queries": first["skipped"],
+        "queries_without_positives": first["without_positives"],
+        "recall_divides_by": first["convention"],
         "positive_radius_m": dataset.pos_radius_m,
         "ns": list(ns),
         "methods": [
@@ -118,9 +126,11 @@ def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], resu
 def _print_table(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], results: dict[str, dict]) -> None:
     """One row per method: Recall@N in percent, descriptor size, fit and describe times."""
     first = next(iter(results.values()))
+    without = f"{first['without_positives']} without a positive within {dataset.pos_radius_m:g} m"
+    counted = "counted as misses (--queries all)" if first["convention"] == "all" else "left out (--queries with-positives)"
     typer.echo(
-        f"{dataset_path}: {len(dataset.db_images)} database images, {first['queries']} queries evaluated"
-        f" ({first['skipped']} without positives within {dataset.pos_radius_m:g} m skipped)"
+        f"{dataset_path}: {len(dataset.db_images)} database images; Recall@N over {first['queries']} queries, "
+        f"{without} {counted}"
     )
     width = max(len("method"), *map(len, results))
     typer.echo(
