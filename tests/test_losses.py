@@ -371,11 +371,46 @@ def test_rsw_gradcheck_on_both_sides_of_radius():
     )
 
 
-def test_rsw_kaiming_normal_proxies():
+def test_rsw_kaiming_normal_fan_out_proxies_as_the_authors():
     torch.manual_seed(0)
-    proxies = RealignedSoftmaxWarpingLoss(500, 64).proxies.detach()
+    proxies = RealignedSoftmaxWarpingLoss(64, 500).proxies.detach()  # (C, E): fan_out = C
     assert proxies.mean().item() == pytest.approx(0.0, abs=0.005)
     assert proxies.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.02)
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.3, 1.348])
+def test_rsw_margin_value_and_gradient_on_both_sides_against_a_re_derivation(margin):
+    """Inside α: W_y = (k1 + m(1 − k1))·d_y with gradient k1·∇d_y; outside: α + k2(d_y − α),
+    whatever the margin. Plain float64 re-derivation, no autograd on the reference side."""
+    emb, labels = rsw_batch(4, N=8)
+    alpha, k1, k2, T = 2.2, 0.6, 1.5, 0.9
+    loss_fn = make_rsw(alpha=alpha, k1=k1, k2=k2, temperature=T, margin=margin)
+    proxies = loss_fn.proxies.detach()
+    rows = torch.arange(len(labels))
+    d = reference_distances(emb, proxies)
+    d_true = d[rows, labels]
+    inside = d_true <= alpha
+    assert inside.any() and (~inside).any() and (d_true - alpha).abs().min() > 1e-3
+    e = emb.clone().requires_grad_()
+    w = loss_fn.warped_distances(e, labels)
+    expected = d.clone()
+    expected[rows, labels] = torch.where(inside, (k1 + margin * (1 - k1)) * d_true, alpha + k2 * (d_true - alpha))
+    torch.testing.assert_close(w.detach(), expected)
+    torch.testing.assert_close(loss_fn(emb, labels), F.cross_entropy(-T * expected, labels))
+    w[rows, labels].sum().backward()
+    slope = torch.where(inside, torch.full_like(d_true, k1), torch.full_like(d_true, k2))
+    torch.testing.assert_close(e.grad, slope.unsqueeze(1) * (emb - proxies[labels]) / d_true.unsqueeze(1))
+
+
+def test_rsw_published_presets():
+    cub = RealignedSoftmaxWarpingLoss.from_preset("cub", 10, 8)
+    assert (cub.alpha, cub.k1, cub.k2, cub.temperature, cub.margin) == (28.40, 0.93, 1.15, 4.525, 1.30)
+    sop = RealignedSoftmaxWarpingLoss.from_preset("sop", 10, 8)
+    assert (sop.alpha, sop.k1, sop.k2, sop.temperature, sop.margin) == (13.025, 0.8563, 1.1181, 3.7442, 1.348)
+    default = RealignedSoftmaxWarpingLoss.from_preset("default", 10, 8)
+    assert (default.alpha, default.k1, default.k2, default.temperature, default.margin) == (8.0, 0.25, 2.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="unknown RSW preset"):
+        RealignedSoftmaxWarpingLoss.from_preset("imagenet", 10, 8)
 
 
 def test_rsw_set_warp_and_validation():
