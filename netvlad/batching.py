@@ -47,14 +47,16 @@ class ShapeBatch(NamedTuple):
 
 class PhotoDataset(Dataset):
     """(key, source) items → `Sample`s, decoded by `preprocess.load` (JPEGs at a reduced scale,
-    refused above `max_pixels` = width × height); preprocessed tensors pass through unchanged.
+    refused above `max_pixels` = width × height), or with `pixels` by `preprocess.load_pixels`
+    (uint8, not normalised); preprocessed tensors pass through unchanged.
     Any decoding failure, a decoder bug on one odd file included, comes back as an `ImageError`."""
 
     def __init__(self, items: Sequence[tuple[Hashable, Source]], preprocess: Preprocess,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pixels: bool = False):
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.decode = preprocess.load_pixels if pixels else preprocess.load
 
     def __len__(self) -> int:
         return len(self.items)
@@ -64,7 +66,7 @@ class PhotoDataset(Dataset):
         if isinstance(source, torch.Tensor):
             return key, source, None
         try:
-            return key, self.preprocess.load(source, self.max_pixels), None
+            return key, self.decode(source, self.max_pixels), None
         except ImageError as exc:
             return key, None, exc
         except Exception as exc:  # noqa: BLE001 - reported per photo, like any undecodable file

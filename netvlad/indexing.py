@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -32,6 +33,9 @@ from netvlad.catalog import display_path
 from netvlad.exif import read_photo_info
 from netvlad.imageio import walk_photos
 from netvlad.index import Index
+
+if TYPE_CHECKING:
+    from netvlad.indexing_ray import RayOptions
 
 #: Files hashed and recorded per catalog transaction during a scan.
 SCAN_CHUNK = 256
@@ -153,8 +157,10 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
 
 
 def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, batch_size: int = 16,
-                 workers: int | None = None, progress: bool = True, save_every: float = 600.0) -> IndexingReport:
-    """Bring `index` up to date with photo folder `photos` (scan, describe, save)."""
+                 workers: int | None = None, progress: bool = True, save_every: float = 600.0,
+                 ray: RayOptions | None = None) -> IndexingReport:
+    """Bring `index` up to date with photo folder `photos` (scan, describe, save); with `ray`,
+    the describe step runs on a Ray cluster (`netvlad.indexing_ray`)."""
     start = time.perf_counter()
     root = Path(photos)
     if not root.is_dir():
@@ -162,7 +168,12 @@ def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, b
     root = index.set_root(root)
     report = IndexingReport()
     scan_folder(index, root, prune, report, progress)
-    describe_pending(index, report, batch_size, workers, progress, save_every)
+    if ray is None:
+        describe_pending(index, report, batch_size, workers, progress, save_every)
+    else:
+        from netvlad.indexing_ray import describe_pending_ray  # Ray is an optional extra
+
+        describe_pending_ray(index, report, ray, progress, save_every)
     index.save()
     report.seconds = time.perf_counter() - start
     report.images = len(index)

@@ -38,14 +38,28 @@ def index_command(
                                               min=1.0, help="Seconds between saves of the faiss index.")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    ray: Annotated[Optional[str], typer.Option(
+        metavar="auto|local|ADDRESS",
+        help="Describe on a Ray cluster: auto (the one `ray start` runs here), local, or HOST:PORT. "
+             "Photos and index folder on a filesystem all nodes see (docs/ray-cluster.md).")] = None,
+    ray_concurrency: Annotated[Optional[int], typer.Option(
+        min=1, help="Describe actors on Ray (default: one per GPU, or one).")] = None,
+    ray_batch_size: Annotated[int, typer.Option(min=1, help="Photos per Ray batch.")] = 16,
+    ray_read_from: Annotated[Optional[str], typer.Option(
+        help="Base URI Ray workers read the photos from (s3://bucket/photos/…), PHOTOS' layout.")] = None,
 ) -> None:
     """Index a photo folder: catalogue, describe and add new photos (kill and re-run to resume)."""
     if not photos.is_dir():
         raise typer.BadParameter(f"{photos}: no such folder", param_hint="PHOTOS")
+    ray_options = None
+    if ray is not None:
+        from netvlad.indexing_ray import RayOptions
+
+        ray_options = RayOptions(ray, ray_concurrency, ray_batch_size, ray_read_from).checked()
     with Index.open_or_create(index_dir, model, index_type, device=device, amp=amp) as index:
         index.max_pixels = max_pixels
         report = index_folder(index, photos, prune=prune, batch_size=batch_size, workers=workers,
-                              progress=not quiet, save_every=save_every)
+                              progress=not quiet, save_every=save_every, ray=ray_options)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
