@@ -1,4 +1,4 @@
-"""Model commands: `init` (k-means + α from photos), `describe`, `import-checkpoint`."""
+"""Model commands: `init` (k-means + α from photos), `describe`, `import-checkpoint`, `export`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 
 from netvlad.backbones import BACKBONES
 from netvlad.cli.app import app
+from netvlad.export import FORMATS, export_model
 from netvlad.imageio import find_photos
 from netvlad.initialization import init_model
 from netvlad.model import build_model
@@ -20,6 +21,7 @@ from netvlad.transforms import InputMode
 
 #: The `--backbone` choices: the names in `BACKBONES`.
 Backbone = Literal[tuple(BACKBONES)]
+ExportFormat = Literal[FORMATS]
 
 
 @app.command("init")
@@ -87,3 +89,16 @@ def import_checkpoint_command(
     model = import_checkpoint(checkpoint, trust=trust)
     save_model(model, out, extra={"imported_from": checkpoint.name})
     typer.echo(f"wrote {out}: {model.config.backbone}, K={model.config.clusters}, dim={model.dim}")
+
+
+@app.command("export")
+def export_command(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="Model file, or 'default'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write (.onnx, .pt).")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (checked with onnxruntime) or torchscript.")] = "onnx",
+) -> None:
+    """Export a model for other runtimes: normalised images (N, 3, H, W) → descriptors (N, dim), batch
+    and image size dynamic; checked against the model before it is kept (see netvlad.export)."""
+    report = export_model(load_model(model_path, device="cpu"), out, format)
+    typer.echo(f"wrote {report.path} ({report.format}, {report.bytes / 1e6:.1f} MB); descriptors match the "
+               f"model's (min cosine {report.min_cosine:.6f})")
