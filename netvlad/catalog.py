@@ -2,9 +2,12 @@
 
 Two tables. ``images`` holds one row per distinct content (sha256): its id (also its faiss id;
 AUTOINCREMENT, so ids are never reused), header facts, optional metadata, a status and — once
-indexed — its descriptor (float16 BLOB). ``files`` maps every path seen to its image, so identical
-files share one image and are described once. A descriptor and its ``indexed`` status are written
-in the same transaction, which makes a killed run resumable without loss or duplicates.
+indexed — where its descriptor lies: a row of a shard file (``shard``, ``row``; table ``shards``,
+kept by `netvlad.descriptorstore`). ``files`` maps every path seen to its image, so identical
+files share one image and are described once. A shard's reference and the ``indexed`` status of
+its images are committed in one transaction, which makes a killed run resumable without loss or
+duplicates. Schema 1 kept descriptors as float16 BLOBs in ``images``; a writer opening such a
+catalog moves them into shards once (`netvlad.legacyblobs`).
 
 Statuses: ``pending`` (known, not yet described), ``indexed``, ``failed`` (``error`` says why),
 ``removed`` (deleted through the API but its file is still in the photo folder: kept as a
@@ -39,8 +42,9 @@ from netvlad.metadata import clean_coordinate, clean_extra, clean_taken_at
 from netvlad.sqlitedb import SQLiteDatabase
 from netvlad.storage import is_disk_full
 
-SCHEMA_VERSION = 1
-DESCRIPTOR_DTYPE = np.float16
+SCHEMA_VERSION = 2
+#: Older schema versions a writer migrates on open (`netvlad.legacyblobs`).
+MIGRATABLE = (1,)
 STATUSES = ("pending", "indexed", "failed", "removed")
 ORIGINS = ("folder", "file", "upload")
 
@@ -55,7 +59,7 @@ CREATE TABLE IF NOT EXISTS images (
     metadata TEXT,
     status TEXT NOT NULL CHECK (status IN {STATUSES}),
     error TEXT,
-    descriptor BLOB,
+    shard INTEGER, row INTEGER,
     added_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_status ON images(status);
@@ -68,6 +72,8 @@ CREATE TABLE IF NOT EXISTS files (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS files_image ON files(image_id);
+CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+                                   rows INTEGER NOT NULL);
 """
 
 #: Fields of a photo's metadata that have their own columns; other keys are kept as JSON.
@@ -167,7 +173,10 @@ class Catalog(SQLiteDatabase):
             if version is None and not readonly:
                 self.set_meta("schema_version", SCHEMA_VERSION)
                 self.set_meta("revision", 0)
-            elif int(version) != SCHEMA_VERSION:
+            elif int(version) in MIGRATABLE and readonly:
+                raise IndexStoreError(f"{self.path}: written by an older netvlad; open the index once for "
+                                      "writing (netvlad index, or the service with writes) to migrate it")
+            elif int(version) != SCHEMA_VERSION and int(version) not in MIGRATABLE:
                 raise IndexStoreError(
                     f"{self.path}: catalog schema version {version}, this netvlad reads {SCHEMA_VERSION}"
                 )
@@ -192,7 +201,8 @@ class Catalog(SQLiteDatabase):
         value = self.get_meta("root")
         return Path(value) if value else None
 
-    def _bump(self, conn: sqlite3.Connection) -> None:
+    def bump(self, conn: sqlite3.Connection) -> None:
+        """Bump `revision` inside transaction `conn`."""
         conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
 
     # ------------------------------------------------------------------------------ files
@@ -277,7 +287,7 @@ class Catalog(SQLiteDatabase):
             ).fetchall()
             gone = [image_id for image_id, status in rows if status == "indexed"]
             if gone:
-                self._bump(conn)
+                self.bump(conn)
         return gone
 
     def files_of(self, image_id: int) -> list[tuple[str, str]]:
@@ -306,18 +316,6 @@ class Catalog(SQLiteDatabase):
         )
         return [(image_id, decode_path(path), origin, w, h) for image_id, path, origin, w, h in rows]
 
-    def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
-        """Store (n, dim) descriptors and mark those images indexed, atomically."""
-        if len(ids) != len(descriptors):
-            raise ValueError(f"{len(ids)} ids for {len(descriptors)} descriptors")
-        blobs = np.ascontiguousarray(descriptors, dtype=DESCRIPTOR_DTYPE)
-        with self.transaction() as conn:
-            conn.executemany(
-                "UPDATE images SET descriptor=?, status='indexed', error=NULL WHERE id=?",
-                ((blob.tobytes(), int(i)) for i, blob in zip(ids, blobs)),
-            )
-            self._bump(conn)
-
     def mark_failed(self, failures: Iterable[tuple[int, str]]) -> None:
         """Mark images failed with their reasons: [(id, reason), …]."""
         with self.transaction() as conn:
@@ -338,36 +336,19 @@ class Catalog(SQLiteDatabase):
                     continue
                 conn.execute("DELETE FROM files WHERE image_id=? AND origin='upload'", (image_id,))
                 conn.execute(
-                    "UPDATE images SET status='removed', descriptor=NULL, error=NULL WHERE id=?", (image_id,)
+                    "UPDATE images SET status='removed', shard=NULL, row=NULL, error=NULL WHERE id=?", (image_id,)
                 )
                 if status == "indexed":
                     removed.append(image_id)
             self.delete_orphans()
             if removed:
-                self._bump(conn)
+                self.bump(conn)
         return removed
 
     def indexed_ids(self) -> np.ndarray:
         """Ids of every indexed image, ascending, int64."""
         rows = self.connection.execute("SELECT id FROM images WHERE status='indexed' ORDER BY id")
         return np.fromiter((row[0] for row in rows), dtype=np.int64)
-
-    def descriptors(self, ids: Sequence[int], dim: int) -> np.ndarray:
-        """(len(ids), dim) float32 descriptors of indexed images, in the order of `ids`."""
-        out = np.zeros((len(ids), dim), dtype=np.float32)
-        position = {int(i): k for k, i in enumerate(ids)}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = [int(i) for i in ids[start : start + 900]]
-            rows = self.connection.execute(
-                f"SELECT id, descriptor FROM images WHERE status='indexed' AND id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
-            if len(rows) != len(set(chunk)):
-                missing = sorted(set(chunk) - {row[0] for row in rows})
-                raise IndexStoreError(f"{self.path}: no descriptor for image ids {missing[:10]}")
-            for image_id, blob in rows:
-                out[position[image_id]] = np.frombuffer(blob, dtype=DESCRIPTOR_DTYPE)
-        return out
 
     def counts(self) -> dict[str, int]:
         """Number of images in each status."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from netvlad.catalog import DESCRIPTOR_DTYPE, Catalog
+from netvlad.catalog import Catalog
+from netvlad.descriptorstore import DTYPE
 from netvlad.errors import IndexStoreError
 from netvlad.indexfolder import MANIFEST, create_folder
 from netvlad.indexreader import IndexReader, ModelArg
@@ -98,14 +99,17 @@ class Index(IndexReader):
     @_modifies
     def save(self) -> None:
         """Bring the faiss index up to date (changing its type when the size calls for it) and
-        save it with the manifest, unless the saved files are current already."""
+        save it with the manifest, unless the saved files are current already; compact the
+        descriptor shards first (`DescriptorStore.compact`)."""
+        self.store.compact()
         self._cache.save_if_changed()
 
     @_modifies
     def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
         """Durably record (n, dim) descriptors of pending images and add them to the faiss index."""
-        stored = np.asarray(descriptors, dtype=DESCRIPTOR_DTYPE).astype(np.float32)
-        self.catalog.store_descriptors(ids, stored)
+        stored = np.asarray(descriptors, dtype=DTYPE)
+        self.store.append(ids, stored)
+        stored = stored.astype(np.float32)
         self._cache.add(ids, stored)
 
     @_modifies
@@ -146,7 +150,7 @@ class Index(IndexReader):
 
     @_modifies
     def _catalogue(self, photos: list[Photo], metadata: list[dict], fresh: dict) -> list[int]:
-        ids, new = catalogue(self.catalog, self.directory, photos, metadata, fresh)
+        ids, new = catalogue(self.store, self.directory, photos, metadata, fresh)
         if new:
             self._cache.add(list(new), np.stack(list(new.values())))
         return ids

@@ -2,7 +2,7 @@
 
 It holds the parts of an index folder, each in its own module: the folder, its manifest and
 writer lock (`netvlad.indexfolder`), the SQLite catalog (`netvlad.catalog`, the source of truth),
-the faiss index kept in step with it (`netvlad.vectorcache`), ranking (`netvlad.search.rank`) and
+the descriptor shards it points to (`netvlad.descriptorstore`), the faiss index kept in step with it (`netvlad.vectorcache`), ranking (`netvlad.search.rank`) and
 confined file access (`netvlad.photofile`). Within a process a readers-writer lock lets many
 threads search while one adds or removes.
 """
@@ -17,7 +17,9 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from netvlad.catalog import ImageRecord
+from netvlad.descriptorstore import DESCRIPTORS, DescriptorStore
 from netvlad.imageio import DEFAULT_MAX_PIXELS
+from netvlad.legacyblobs import migrate
 from netvlad.indexfolder import MODEL, UPLOADS, acquire_writer_lock, open_catalog, read_manifest
 from netvlad.model import NetVLADModel
 from netvlad.modelfile import load_model
@@ -42,6 +44,7 @@ class IndexReader:
         self.directory = directory
         self.model = model
         self.catalog = cache.catalog
+        self.store = cache.store
         self.writable = writable
         self.amp = amp
         self.max_pixels = DEFAULT_MAX_PIXELS
@@ -53,11 +56,13 @@ class IndexReader:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, model: ModelArg = None, writable: bool = False,
-             device: str | None = None, amp: bool | None = None) -> "IndexReader":
+             device: str | None = None, amp: bool | None = None, mmap: bool = False) -> "IndexReader":
         """Open an index folder. `model` None uses the folder's own model; any other model must be
         the one that built the index (else `IndexStoreError`). `writable` takes the folder's
         writer lock (sweeping temp files a killed writer left) and lets `add`, `remove` and `save`
-        change it; a folder that cannot be written is an `IndexStoreError` then."""
+        change it; a folder that cannot be written is an `IndexStoreError` then. A writer also
+        deletes shard files a killed run left and migrates an older folder's descriptors
+        (`netvlad.legacyblobs`). `mmap` maps a read-only index's faiss file (`VectorIndex.load`)."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         lock_handle = acquire_writer_lock(directory) if writable else None
@@ -65,9 +70,13 @@ class IndexReader:
         try:
             net = load_model(directory / MODEL if model is None else model, device)
             catalog = open_catalog(directory, manifest, net, writable)
-            cache = VectorCache(directory, catalog, manifest, net.dim)
+            store = DescriptorStore(directory / DESCRIPTORS, catalog, net.dim)
             with disk_full_errors(directory):
-                cache.load(save_when_stale=writable)
+                if writable:
+                    store.recover()
+                    migrate(store)
+                cache = VectorCache(directory, store, manifest)
+                cache.load(save_when_stale=writable, mmap=mmap and not writable)
         except BaseException:
             if catalog is not None:
                 catalog.close()
@@ -159,4 +168,4 @@ class IndexReader:
         if q.shape[1] != self.dim:
             raise ValueError(f"query descriptors must have {self.dim} dims, got {q.shape[1]}")
         with self._lock.read():
-            return rank(self._cache.vectors, self.catalog, self.resolve, q, k, fusion, alpha)
+            return rank(self._cache.vectors, self.store, self.resolve, q, k, fusion, alpha)

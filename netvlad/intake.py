@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from netvlad.catalog import DESCRIPTOR_DTYPE, Catalog
+from netvlad.catalog import Catalog
+from netvlad.descriptorstore import DTYPE, DescriptorStore
 from netvlad.errors import ImageError
 from netvlad.exif import PhotoInfo, read_photo_info
 from netvlad.imageio import load_image
@@ -86,15 +87,17 @@ def describe_new(model, photos: Sequence[Photo], catalog: Catalog, amp: bool | N
     todo = {p.sha256: p.image for p in photos if catalog.find(p.sha256)[1] != "indexed"}
     if not todo:
         return {}
-    descriptors = np.asarray(model.describe(list(todo.values()), amp=amp), dtype=DESCRIPTOR_DTYPE)
+    descriptors = np.asarray(model.describe(list(todo.values()), amp=amp), dtype=DTYPE)
     return dict(zip(todo, descriptors.astype(np.float32)))
 
 
-def catalogue(catalog: Catalog, directory: Path, photos: Sequence[Photo], metadata: Sequence[dict],
+def catalogue(store: DescriptorStore, directory: Path, photos: Sequence[Photo], metadata: Sequence[dict],
               fresh: dict[str, np.ndarray]) -> tuple[list[int], dict[int, np.ndarray]]:
     """Store the uploads of `photos` in index folder `directory`, then record the photos and the
-    descriptors of those not indexed yet (`fresh`, by sha256) in one catalog transaction. Returns
+    descriptors of those not indexed yet (`fresh`, by sha256, into a shard of `store`) in one
+    catalog transaction. Returns
     (ids, {id: descriptor} of the images that became indexed); on failure nothing stays behind."""
+    catalog = store.catalog
     written = store_uploads(directory, photos)
     ids, new = [], {}
     try:
@@ -107,7 +110,7 @@ def catalogue(catalog: Catalog, directory: Path, photos: Sequence[Photo], metada
                 if photo.sha256 in fresh and catalog.status(image_id) != "indexed":
                     new[image_id] = fresh[photo.sha256]
             if new:
-                catalog.store_descriptors(list(new), np.stack(list(new.values())))
+                written.append(store.append(list(new), np.stack(list(new.values()))))
     except BaseException:
         remove_files(written)  # the catalog rolled back: nothing may point to them
         raise

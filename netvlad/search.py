@@ -16,7 +16,8 @@ import numpy as np
 import pyproj
 import torch
 
-from netvlad.catalog import Catalog, ImageRecord
+from netvlad.catalog import ImageRecord
+from netvlad.descriptorstore import DescriptorStore
 from netvlad.soft import softargmax, softmedian, weighted_softmedian
 from netvlad.vectorindex import VectorIndex
 
@@ -121,13 +122,14 @@ def estimate_location(
     return Location(lat=float(est_lat), lon=float(est_lon), support=int(known.sum()), spread_m=spread)
 
 
-def rank(vectors: VectorIndex, catalog: Catalog, resolve, queries: np.ndarray, k: int, fusion: str,
+def rank(vectors: VectorIndex, store: DescriptorStore, resolve, queries: np.ndarray, k: int, fusion: str,
          alpha: float = FUSION_ALPHA) -> SearchResult:
     """The top `k` of `vectors` for (m, dim) query descriptors of one place, with their catalog
-    records (`resolve(path, origin)` gives absolute paths). The m rankings are fused
+    records from `store`'s catalog (`resolve(path, origin)` gives absolute paths). The m rankings are fused
     (`fuse_scores`) over a candidate pool of each query's top max(4k, 50), rescored exactly with
-    the catalog's descriptors when there are several queries or the faiss scores are approximate.
-    The caller keeps `vectors` and `catalog` from changing meanwhile."""
+    the stored descriptors when there are several queries or the faiss scores are approximate.
+    The caller keeps `vectors` and `store` from changing meanwhile."""
+    catalog = store.catalog
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
@@ -140,7 +142,7 @@ def rank(vectors: VectorIndex, catalog: Catalog, resolve, queries: np.ndarray, k
     if rescore:
         candidates = np.unique(ids[ids >= 0])
         # torch, not numpy: one thread pool for small products (see vectorindex.SMALL_BATCH)
-        sims = (torch.from_numpy(catalog.descriptors(candidates, q.shape[1])) @ torch.from_numpy(q).T).numpy()
+        sims = (torch.from_numpy(store.descriptors(candidates)) @ torch.from_numpy(q).T).numpy()
     else:
         keep = ids[0] >= 0
         candidates, sims = ids[0][keep], scores[0][keep, None]

@@ -2,7 +2,9 @@
 
 The catalog is the source of truth; the faiss index is a cache of its indexed descriptors. On
 open it is loaded and checked against the catalog (revision, count) and brought up to date, or
-rebuilt when missing or unreadable, so a process killed at any moment loses nothing. Its type
+rebuilt when missing or unreadable, so a process killed at any moment loses nothing. Rebuilds
+read the descriptor shards (`netvlad.descriptorstore`); large ones, or any while a Ray session is
+up, train once and add shard by shard (`netvlad.shardbuild`). Its type
 follows the collection size (`choose_spec`) unless a factory string was requested. `save` writes
 the faiss file and then the manifest (the commit point) and deletes older faiss files.
 """
@@ -19,9 +21,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from netvlad.catalog import Catalog
+from netvlad.descriptorstore import DescriptorStore
 from netvlad.errors import IndexStoreError
 from netvlad.indexfolder import write_manifest
+from netvlad.shardbuild import build_sharded, wants_sharded_build
 from netvlad.storage import fsync_dir
 from netvlad.vectorindex import (
     IndexSpec,
@@ -40,13 +43,15 @@ CHUNK = 10_000
 
 
 class VectorCache:
-    """The faiss index (`vectors`, ids = catalog ids) of folder `directory` and its manifest."""
+    """The faiss index (`vectors`, ids = catalog ids) of folder `directory`, built from the
+    descriptors of `store`, and the folder's manifest."""
 
-    def __init__(self, directory: Path, catalog: Catalog, manifest: dict, dim: int):
+    def __init__(self, directory: Path, store: DescriptorStore, manifest: dict):
         self.directory = directory
-        self.catalog = catalog
+        self.store = store
+        self.catalog = store.catalog
         self.manifest = manifest
-        self.dim = dim
+        self.dim = store.dim
         self.vectors: VectorIndex | None = None
         self._persisted = json.dumps(manifest, sort_keys=True)  # the manifest as on disk
 
@@ -70,15 +75,17 @@ class VectorCache:
             return IndexSpec()  # too few descriptors to train it yet: exact search meanwhile
         return spec
 
-    def load(self, save_when_stale: bool) -> None:
+    def load(self, save_when_stale: bool, mmap: bool = False) -> None:
         """Load the saved faiss index and bring it up to date with the catalog (saving it again
-        when it was stale and `save_when_stale`)."""
+        when it was stale and `save_when_stale`). `mmap`: map a current index file rather than
+        read it (`VectorIndex.load`); a stale one is read, since it must change."""
         info = self.manifest["index"]
         spec = IndexSpec(info["factory"], info["metric"], info["params"])
         name = self.manifest.get("vectors")
         if name:
             try:
-                self.vectors = VectorIndex.load(self.directory / name, spec)
+                current = self.manifest["revision"] == self.catalog.revision
+                self.vectors = VectorIndex.load(self.directory / name, spec, mmap=mmap and current)
             except IndexStoreError as exc:
                 log.warning("rebuilding the faiss index: %s", exc)
         up_to_date = (
@@ -120,14 +127,17 @@ class VectorCache:
     def _fill(self, vectors: VectorIndex, ids: np.ndarray) -> None:
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
-            vectors.add(chunk, self.catalog.descriptors(chunk, self.dim))
+            vectors.add(chunk, self.store.descriptors(chunk))
 
     def _rebuild(self, ids: np.ndarray, spec: IndexSpec) -> None:
+        if wants_sharded_build(spec, len(ids)):
+            self.vectors = build_sharded(self.store, spec, self.directory)
+            return
         training = None
         if needs_training(spec, self.dim):
             rng = np.random.default_rng(0)
             sample = np.sort(rng.choice(ids, training_size(spec, len(ids)), replace=False))
-            training = self.catalog.descriptors(sample, self.dim)
+            training = self.store.descriptors(sample)
         log.info("building a %s index of %d descriptors", spec.factory, len(ids))
         vectors = VectorIndex.create(self.dim, spec, training)
         self._fill(vectors, ids)

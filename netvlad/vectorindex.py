@@ -239,9 +239,11 @@ class VectorIndex:
         return int(data.size)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, spec: IndexSpec) -> "VectorIndex":
+    def load(cls, path: str | os.PathLike, spec: IndexSpec, mmap: bool = False) -> "VectorIndex":
+        """Read a saved index; `mmap` maps it instead (`faiss.IO_FLAG_MMAP`: the OS pages in the
+        inverted lists a search visits, so a large IVF index serves in little RAM; read-only)."""
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         except RuntimeError as exc:
             raise IndexStoreError(f"{path}: not a readable faiss index ({exc})") from None
         return cls(index, spec)

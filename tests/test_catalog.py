@@ -1,4 +1,4 @@
-"""SQLite catalog: identical contents, statuses, descriptors, tombstones, orphans; EXIF facts."""
+"""SQLite catalog: identical contents, statuses, tombstones, orphans; EXIF facts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from netvlad.catalog import Catalog
+from netvlad.descriptorstore import DescriptorStore
 from netvlad.errors import IndexStoreError
 from netvlad.exif import PhotoInfo, read_photo_info
 
@@ -29,6 +30,10 @@ def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
 INFO = PhotoInfo(width=640, height=480)
 
 
+def store_descriptors(catalog: Catalog, ids: list[int], x: np.ndarray) -> None:
+    DescriptorStore(catalog.path.parent / "descriptors", catalog, x.shape[1]).append(ids, x)
+
+
 def test_identical_contents_share_one_image(catalog):
     a = catalog.record_file("a.jpg", "folder", 10, 1, "s1", INFO)
     b = catalog.record_file("sub/b.jpg", "folder", 10, 2, "s1", INFO)
@@ -40,24 +45,6 @@ def test_identical_contents_share_one_image(catalog):
     assert catalog.files() == {"a.jpg": (10, 1), "sub/b.jpg": (10, 2), "c.jpg": (12, 3)}
     records = catalog.records([a], resolve=lambda path, origin: f"/root/{path}")
     assert records[a].paths == ["a.jpg", "sub/b.jpg"] and records[a].path == "/root/a.jpg"
-
-
-def test_descriptors_round_trip_in_float16_and_bump_the_revision(catalog):
-    ids = [catalog.record_file(f"{i}.jpg", "folder", 1, 1, f"s{i}", INFO) for i in range(5)]
-    x = unit_rows(5, 64)
-    before = catalog.revision
-    catalog.store_descriptors(ids[:3], x[:3])
-    assert catalog.revision == before + 1
-    assert catalog.indexed_ids().tolist() == ids[:3]
-    got = catalog.descriptors([ids[2], ids[0]], 64)
-    np.testing.assert_allclose(got, x[[2, 0]], atol=1e-3)  # float16 storage: ~3 significant digits
-    assert got.dtype == np.float32
-    with pytest.raises(IndexStoreError, match="no descriptor"):
-        catalog.descriptors([ids[4]], 64)
-    catalog.mark_failed([(ids[4], "bad.jpg: corrupt")])
-    assert catalog.revision == before + 1  # failures do not change the indexed set
-    assert catalog.counts() == {"pending": 1, "indexed": 3, "failed": 1, "removed": 0}
-    assert catalog.failures() == [("4.jpg", "bad.jpg: corrupt")]
 
 
 def test_metadata_overrides_header_facts_and_merges(catalog):
@@ -72,7 +59,7 @@ def test_metadata_overrides_header_facts_and_merges(catalog):
 def test_remove_keeps_tombstones_for_folder_photos_and_deletes_uploads(catalog):
     folder = catalog.record_file("a.jpg", "folder", 1, 1, "s1", INFO)
     upload = catalog.record_file("uploads/s2.jpg", "upload", 1, 1, "s2", INFO)
-    catalog.store_descriptors([folder, upload], unit_rows(2, 8))
+    store_descriptors(catalog, [folder, upload], unit_rows(2, 8))
     assert sorted(catalog.remove([folder, upload, 999])) == [folder, upload]
     assert catalog.status(folder) == "removed" and catalog.status(upload) is None
     assert catalog.indexed_ids().size == 0
@@ -84,7 +71,7 @@ def test_remove_keeps_tombstones_for_folder_photos_and_deletes_uploads(catalog):
 def test_replaced_and_deleted_files_leave_no_orphans(catalog):
     old = catalog.record_file("a.jpg", "folder", 1, 1, "old", INFO)
     kept = catalog.record_file("b.jpg", "folder", 1, 1, "kept", INFO)
-    catalog.store_descriptors([old, kept], unit_rows(2, 8))
+    store_descriptors(catalog, [old, kept], unit_rows(2, 8))
     revision = catalog.revision
     new = catalog.record_file("a.jpg", "folder", 2, 2, "new", INFO)  # a.jpg was edited
     assert new != old

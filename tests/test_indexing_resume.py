@@ -104,7 +104,7 @@ def test_kill_at_random_points_then_resume(folder, model_path, tmp_path):
         records = index.catalog.records(ids.tolist(), index.resolve)
         sample = [int(i) for i in ids[:: max(1, distinct // 6)]]
         expected = netvlad.load_model(model_path).describe([records[i].path for i in sample])
-        np.testing.assert_allclose(index.catalog.descriptors(sample, index.dim), expected, atol=3e-3)
+        np.testing.assert_allclose(index.store.descriptors(sample), expected, atol=3e-3)
     assert len(list(index_dir.glob("vectors-*.faiss"))) == 1 and not list(index_dir.glob(".*.tmp"))
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -95,7 +95,7 @@ def test_soft_median_fusion_survives_a_wrong_photo(place_set, searched):
     for group in groups:
         wrong_id = rng.choice([k for k in ids if db_source[k] != source[group[0]]])
         good_photos = [queries[q] for q in group]
-        with_wrong = good_photos + [index.catalog.descriptors([wrong_id], index.dim)[0]]
+        with_wrong = good_photos + [index.store.descriptors([wrong_id])[0]]
         right = set().union(*(positives[q] for q in group))
         for name, photos, fusion in (("good", good_photos, "softmedian"), ("softmedian", with_wrong, "softmedian"),
                                      ("mean", with_wrong, "mean")):
