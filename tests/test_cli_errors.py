@@ -29,6 +29,8 @@ CASES = [
     ("init-bad-input-mode", ["init", "{photo}", "--out", "{new}.pt", "--input-mode", "purple"], "purple"),
     ("describe-junk-model", ["describe", "{photo}", "--model", "{file}"], "not a readable model file"),
     ("import-checkpoint-junk-mat", ["import-checkpoint", "{junk_mat}", "--out", "{new}.pt"], "not a readable MATLAB"),
+    ("export-junk-model", ["export", "{file}", "--out", "{new}.onnx"], "not a readable model file"),
+    ("export-bad-format", ["export", "default", "--format", "tflite", "--out", "{new}"], "tflite"),
     ("serve-missing-index", ["serve", "--index", "{missing}"], "no such index folder"),
     ("demo-photos-into-a-file", ["demo", "--photos", "{file}", "--dir", "{new}", "--no-serve"], "file"),
     ("demo-without-photos", ["demo", "--photos", "{empty}", "--dir", "{new}", "--no-serve"], "make photos"),
