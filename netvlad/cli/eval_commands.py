@@ -13,6 +13,7 @@ import typer
 
 from netvlad.baselines import BASELINES, fit_baseline
 from netvlad.cli.app import app
+from netvlad.datasets.community import SPLITS
 from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
 from netvlad.devices import resolve_device
 from netvlad.evaluation import DEFAULT_NS, QUERY_CONVENTIONS, evaluate, plot_recall, write_per_query_csv
@@ -21,6 +22,7 @@ from netvlad.modelfile import load_model
 #: The `--baseline` choices (typer takes repeatable choices as an Enum).
 Baseline = Enum("Baseline", [(name, name) for name in BASELINES], type=str)
 QueryConvention = Literal[QUERY_CONVENTIONS]
+Split = Literal[SPLITS]
 
 
 def _parse_ns(text: str) -> tuple[int, ...]:
@@ -35,7 +37,9 @@ def _parse_ns(text: str) -> tuple[int, ...]:
 
 @app.command("eval")
 def eval_command(
-    dataset_path: Annotated[Path, typer.Argument(metavar="DATASET", help="Place dataset folder (database.csv, queries.csv) or dbStruct .mat file.")],
+    dataset_path: Annotated[Path, typer.Argument(metavar="DATASET", help=(
+        "Place dataset: a folder with database.csv and queries.csv, a dbStruct .mat file, a VPR-datasets-downloader "
+        "split folder or root (see --split), or an MSLS root (see --cities)."))],
     model_path: Annotated[str, typer.Option("--model", "-m", help="Model file, or 'default'.")] = "default",
     baselines: Annotated[
         Optional[list[Baseline]], typer.Option("--baseline", "-b", help=(
@@ -44,6 +48,8 @@ def eval_command(
         ))
     ] = None,
     ns_text: Annotated[str, typer.Option("--ns", help="Comma-separated N of Recall@N.")] = ",".join(map(str, DEFAULT_NS)),
+    split: Annotated[Split, typer.Option(help="VPR-datasets-downloader roots: the split to evaluate.")] = "test",
+    cities: Annotated[Optional[str], typer.Option(help="MSLS roots: comma-separated cities (default: cph,sf).")] = None,
     images_root: Annotated[Optional[Path], typer.Option(help=".mat datasets: folder the database image paths are relative to.")] = None,
     queries_root: Annotated[Optional[Path], typer.Option(help=".mat datasets: folder of the query images (default: images root).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the Recall@N curves to this image (.png, .svg, …).")] = None,
@@ -70,6 +76,7 @@ def eval_command(
     ns = _parse_ns(ns_text)
     torch_device = resolve_device(device)
     dataset = load_place_dataset(dataset_path, images_root=images_root, queries_root=queries_root,
+                                 split=split, cities=tuple(c.strip() for c in cities.split(",")) if cities else None,
                                  pos_radius_m=pos_radius,
                                  nontrivial_radius_m=None if pos_radius is None else min(pos_radius, 10.0))
     model = load_model(model_path, device=torch_device)

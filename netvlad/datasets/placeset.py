@@ -1,8 +1,10 @@
 """Place datasets: database and query images with metric positions (docs/design.md §6.3).
 
-On disk a place dataset is either a folder with `database.csv` and `queries.csv` (columns
+On disk a place dataset is a folder with `database.csv` and `queries.csv` (columns
 `image,easting,northing` in metres, or `image,lat,lon` in WGS 84 degrees, optional integer
-`place_id`; `image` relative to the folder) or a Pittsburgh/Tokyo `dbStruct` .mat file.
+`place_id`; `image` relative to the folder), a Pittsburgh/Tokyo `dbStruct` .mat file, or one of
+the community's layouts (`netvlad.datasets.community`: gmberton's VPR-datasets-downloader
+folders, Mapillary SLS).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from netvlad.datasets import groundtruth
+from netvlad.datasets import community, groundtruth
 from netvlad.datasets.dbstruct import read_dbstruct
 from netvlad.errors import DatasetError
 
@@ -103,8 +105,12 @@ def load_place_dataset(
     check_images: bool = True,
     pos_radius_m: float | None = None,
     nontrivial_radius_m: float | None = None,
+    split: str = "test",
+    cities: tuple[str, ...] | None = None,
 ) -> PlaceDataset:
-    """Load a place dataset folder (CSV) or a dbStruct .mat file.
+    """Load a place dataset folder (CSV), a dbStruct .mat file, a VPR-datasets-downloader split
+    folder or dataset root (`split`: train, val or test), or an MSLS root (`cities`, default the
+    validation cities).
 
     For a .mat file, database image paths are relative to `images_root` (default: the file's
     folder) and query paths to `queries_root` (default: `images_root`; Pittsburgh keeps its
@@ -115,7 +121,7 @@ def load_place_dataset(
     if path.is_dir():
         if images_root is not None or queries_root is not None:
             raise DatasetError(f"{path}: images_root/queries_root apply to .mat files only")
-        dataset = _load_csv_dataset(path, check_images)
+        dataset = _load_folder(path, check_images, split, cities)
     elif path.suffix.lower() == ".mat":
         dataset = _load_mat_dataset(path, images_root, queries_root, check_images)
     elif path.exists():
@@ -157,6 +163,23 @@ class _Table:
     lines: list[int]
 
 
+def _load_folder(path: Path, check_images: bool, split: str, cities: tuple[str, ...] | None) -> PlaceDataset:
+    """A dataset folder in any of the layouts the module docstring lists."""
+    if not (path / DATABASE_CSV).exists() and not (path / QUERIES_CSV).exists():
+        folder = path if community.is_vpr_split(path) else community.vpr_split_folder(path, split)
+        if folder is not None:
+            db_images, db_utm, q_images, q_utm = community.load_vpr_split(folder)
+            name = folder.name if folder == path else f"{path.name}/{split}"
+            return PlaceDataset(folder, db_images, db_utm, q_images, q_utm, name=name)
+        if community.is_msls(path):
+            db_images, db_utm, q_images, q_utm = community.load_msls(path, cities)
+            if check_images:
+                for what, images in (("database", db_images), ("query", q_images)):
+                    _check_images_exist(path, images, lambda i, w=what: f"{path}: MSLS {w} image {i + 1}")
+            return PlaceDataset(path, db_images, db_utm, q_images, q_utm, name=f"msls {','.join(cities or community.MSLS_VAL_CITIES)}")
+    return _load_csv_dataset(path, check_images)
+
+
 def _load_csv_dataset(folder: Path, check_images: bool) -> PlaceDataset:
     db, q = _read_table(folder / DATABASE_CSV), _read_table(folder / QUERIES_CSV)
     if db.geographic != q.geographic:
@@ -192,7 +215,8 @@ def _load_csv_dataset(folder: Path, check_images: bool) -> PlaceDataset:
 
 def _read_table(path: Path) -> _Table:
     if not path.is_file():
-        raise DatasetError(f"{path}: missing (a place dataset folder needs {DATABASE_CSV} and {QUERIES_CSV})")
+        raise DatasetError(f"{path}: missing (a place dataset folder needs {DATABASE_CSV} and {QUERIES_CSV}, "
+                           "or database/ and queries/ of the VPR-datasets-downloader layout, or an MSLS train_val/)")
     with open(path, newline="", encoding="utf-8-sig") as file:
         reader = csv.reader(file)
         header = [name.strip() for name in next(reader, [])]
