@@ -1,7 +1,8 @@
 """The index folder on disk: its layout, its manifest, its writer lock, and making a new one.
 
     DIR/manifest.json       format, version, model summary, dim, count, revision, index type, faiss file
-    DIR/catalog.sqlite      the catalog (source of truth: photos, statuses, descriptors)
+    DIR/catalog.sqlite      the catalog (source of truth: photos, statuses, where their descriptors lie)
+    DIR/descriptors/        descriptor shard files (`netvlad.descriptorstore`)
     DIR/model.pt            the model that built the index (queries must use the same one)
     DIR/vectors-*.faiss     the faiss index (ids = catalog ids), a cache of the catalog
     DIR/uploads/            photos added as bytes through the API

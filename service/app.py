@@ -42,12 +42,14 @@ def open_index(settings: Settings) -> Index:
             index = Index.open(settings.index_dir, settings.model, writable=True, device=settings.device)
         except (IndexStoreError, DiskFullError) as exc:
             try:
-                index = Index.open(settings.index_dir, settings.model, writable=False, device=settings.device)
+                index = Index.open(settings.index_dir, settings.model, writable=False, device=settings.device,
+                                   mmap=settings.mmap_index)
             except IndexStoreError:
                 raise exc from None
             log.warning("serving %s read-only: %s", settings.index_dir, exc)
     else:
-        index = Index.open(settings.index_dir, settings.model, writable=False, device=settings.device)
+        index = Index.open(settings.index_dir, settings.model, writable=False, device=settings.device,
+                           mmap=settings.mmap_index)
     index.max_pixels = settings.max_pixels
     return index
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
                                         "every core busy and bigger passes were measured slower).")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a search waits for others to share its forward pass.")
     max_batch: int = Field(32, gt=0, description="Most photos in one forward pass.")
+    mmap_index: bool = Field(False, description="Memory-map the faiss index instead of reading it (large IVF "
+                             "indexes serve in little RAM); applies when the index is served read-only.")
 
     @field_validator("api_key", "model", "device", mode="before")
     @classmethod
