@@ -5,7 +5,7 @@ normalise. `NetVLADModel.describe`, the indexer and the training loop all use it
   None); a decoding failure travels back as a value, so worker processes never stop a run.
 - `shape_batches`: a batch sampler grouping items by their predicted input shape (from headers).
 - `collate_by_shape`: a loader batch → one `ShapeBatch` per distinct shape, plus the failures.
-- `forward_batch` / `describe_tensors`: the network on stacked images (bfloat16 autocast,
+- `forward_batch` / `describe_tensors`: the network on stacked images (autocast: `amp_dtype`,
   channels_last, non-blocking copies), unit-norm float32 descriptors; gradients flow.
 - `describe_batches`: descriptors of every batch a loader yields, model in eval mode, no grad.
 """
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from netvlad.devices import amp_dtype
 from netvlad.errors import ImageError
 from netvlad.imageio import DEFAULT_MAX_PIXELS, ImageSource
 from netvlad.transforms import Preprocess
@@ -125,12 +126,13 @@ def forward_batch(model: NetVLADModel, images: torch.Tensor, amp: bool | None, c
     """Images (b, 3, H, W) → descriptors (b, dim) float32, unit norm, on the model's device.
 
     The copy to the device does not block (pinned loader memory); `amp` (None: on CUDA) runs the
-    network in bfloat16 autocast. Gradients flow when called outside `torch.no_grad()`."""
+    network in autocast (bfloat16, or float16 on GPUs without it). Gradients flow when called
+    outside `torch.no_grad()`."""
     device = model.device
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp):
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda" if amp is None else amp):
         descriptors = model(images)
     return F.normalize(descriptors.float(), dim=1)
 

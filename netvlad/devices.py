@@ -3,6 +3,7 @@
 `resolve_device` accepts "auto" (or None): CUDA device 0 when CUDA is available, else the CPU;
 "cpu"; "cuda" or "cuda:i". Asking for CUDA on a machine without it, for a CUDA index past the
 device count, or for something that is not a device raises `DeviceError` naming what exists.
+`amp_dtype` is the autocast type for a device.
 """
 
 from __future__ import annotations
@@ -36,3 +37,11 @@ def resolve_device(spec: str | torch.device | None = AUTO) -> torch.device:
     if device.index is not None and device.index >= count:
         raise DeviceError(f"device '{spec}' does not exist: this machine has {count} CUDA device(s), cuda:0…cuda:{count - 1}")
     return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast type on `device`: bfloat16 on the CPU and on GPUs with native bfloat16, else float16
+    (training in float16 then needs a `torch.amp.GradScaler`)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16

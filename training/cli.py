@@ -4,21 +4,29 @@
 Options that set a `TrainConfig` field carry the field's name (`--random-negatives` →
 `random_negatives`), so the config is built from them directly and a resumed run compares them
 with its stored config field by field.
+
+The options are checked and the datasets loaded here; the run itself (`TrainJob.run`) goes on in
+this process, in `--devices` × `--nodes` spawned data-parallel processes (training.distributed),
+or in the process torchrun started.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from netvlad.datasets.placeset import DATABASE_CSV, load_place_dataset
+import torch
+
+from netvlad.datasets.placeset import DATABASE_CSV, PlaceDataset, load_place_dataset
 from netvlad.devices import resolve_device
 from netvlad.modelfile import load_model
 from training.config import Loss, Optimizer, Schedule, TrainConfig
+from training.distributed import DistributedError, Layout, check_devices, launch, leave_group
 from training.loop import BEST_MODEL, FINAL_MODEL, Trainer
 from training.run_state import RUN_STATE, read_run_state
 
@@ -74,6 +82,11 @@ def train_command(
     pos_radius: Annotated[Optional[float], typer.Option("--pos-radius", min=0.0, help="Positive radius in metres: negatives lie beyond it, validation counts hits within it (default: the dataset's, 25 m).")] = None,
     train_radius: Annotated[Optional[float], typer.Option("--train-radius", min=0.0, help="Radius in metres of the potential positives a triplet picks its positive from (default: the dataset's, 10 m).")] = None,
     resume: Annotated[bool, typer.Option(help=f"Continue the run in --out from its {RUN_STATE}.")] = False,
+    devices: Annotated[int, typer.Option(min=1, help="Data-parallel training processes per node (one per GPU; gloo processes on the CPU).")] = 1,
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes, each running this command with its --node-rank (or use torchrun).")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This node's place among --nodes.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0, where the processes meet.")] = "127.0.0.1",
+    master_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port on --master-addr (default on one node: a free one).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -93,30 +106,87 @@ def train_command(
     train_set = load_place_dataset(train_path, **radii)
     val_path = val if val is not None else val_path
     val_set = load_place_dataset(val_path, **radii) if val_path is not None else None
-    if resume:
-        trainer = Trainer.resume(out, train_set, val_set, device=torch_device, progress=progress,
-                                 epochs=epochs if _given(ctx, "epochs") else None,
-                                 workers=workers if _given(ctx, "workers") else None)
+    job = TrainJob(out, train_set, val_set, torch_device, progress, as_json, model=model, config=None if resume else config,
+                   epochs=epochs if resume and _given(ctx, "epochs") else None,
+                   workers=workers if resume and _given(ctx, "workers") else None)
+    torchrun = Layout.of_torchrun()
+    if torchrun is not None:
+        if devices > 1 or nodes > 1:
+            raise DistributedError("under torchrun leave out --devices and --nodes: torchrun starts the processes")
+        job.run(int(os.environ["LOCAL_RANK"]), torchrun)
+    elif devices * nodes == 1:
+        job.run(0, Layout())
     else:
-        trainer = Trainer(load_model(model), train_set, out, config, val_set, device=torch_device, progress=progress)
+        check_devices(torch_device, devices)
+        launch(job.run, (Layout.of_nodes(devices, nodes, node_rank, master_addr, master_port),), devices)
+
+
+@dataclass
+class TrainJob:
+    """A checked training run, picklable for the spawned processes: a new one (`model` file and
+    `config`) or, with `config` None, the resumption of the run in `out` (`epochs`, `workers`:
+    new values or None)."""
+
+    out: Path
+    train_set: PlaceDataset
+    val_set: PlaceDataset | None
+    device: torch.device
+    progress: bool
+    as_json: bool
+    model: str | None = None
+    config: TrainConfig | None = None
+    epochs: int | None = None
+    workers: int | None = None
+
+    def run(self, local_rank: int, layout: Layout) -> None:
+        """Train as local rank `local_rank` of `layout`; rank 0 prints."""
+        cluster = layout.join(local_rank, self.device)
+        try:
+            if self.config is None:
+                trainer = Trainer.resume(self.out, self.train_set, self.val_set, device=cluster.device, progress=self.progress,
+                                         epochs=self.epochs, workers=self.workers, cluster=cluster)
+            else:
+                trainer = Trainer(load_model(self.model), self.train_set, self.out, self.config, self.val_set,
+                                  device=cluster.device, progress=self.progress, cluster=cluster)
+            if cluster.main:
+                _announce(trainer, self.as_json, cluster.world)
+            trainer.fit()
+            if cluster.main:
+                _report(trainer, self.as_json)
+        finally:
+            leave_group()
+
+
+def _announce(trainer: Trainer, as_json: bool, processes: int) -> None:
+    """Warn about skipped queries; say what the run will do (not with --json)."""
+    train_set = trainer.train_set
     for where in trainer.skipped:
         typer.echo(f"warning: skipped query without a database image within "
                    f"{train_set.nontrivial_radius_m:g} m: {where}", err=True)
-    mining = {"random_negatives": trainer.num_random, "max_negatives": trainer.max_negatives,
-              "cache_refresh": trainer.config.cache_refresh, "queries": len(trainer.queries)}
+    mining = _mining(trainer)
     if not as_json:
+        where = f"{processes} processes on {trainer.device.type}" if processes > 1 else str(trainer.device)
         typer.echo(f"{trainer.config.loss} loss on {mining['queries']} queries, {len(train_set.db_images)} database "
                    f"images; per query {mining['random_negatives']} random + cached negatives, up to "
                    f"{mining['max_negatives']} hard ones; cache refreshed every {mining['cache_refresh']} queries; "
-                   f"{trainer.device}, amp={trainer.amp}, epoch {trainer.epoch} → {trainer.config.epochs}")
-    record = trainer.fit()
+                   f"{where}, amp={trainer.amp}, epoch {trainer.epoch} → {trainer.config.epochs}")
+
+
+def _mining(trainer: Trainer) -> dict:
+    return {"random_negatives": trainer.num_random, "max_negatives": trainer.max_negatives,
+            "cache_refresh": trainer.config.cache_refresh, "queries": len(trainer.queries)}
+
+
+def _report(trainer: Trainer, as_json: bool) -> None:
+    """The run summary: JSON, or one line with the recall before and after."""
+    out, record = trainer.out, trainer.record
     first, last = record.rows[0], record.rows[-1]
     summary = {
         "out": str(out), "epochs": trainer.epoch, "model": str(out / FINAL_MODEL), "best": str(out / BEST_MODEL),
         "best_epoch": trainer.best["epoch"], "skipped_queries": len(trainer.skipped),
         "recall_start": {n: first[f"recall@{n}"] for n in (1, 5, 10)},
         "recall": {n: last[f"recall@{n}"] for n in (1, 5, 10)},
-        "images_per_s": last["images_per_s"], "mining": mining, "config": asdict(trainer.config),
+        "images_per_s": last["images_per_s"], "mining": _mining(trainer), "config": asdict(trainer.config),
     }
     if as_json:
         typer.echo(json.dumps(summary))

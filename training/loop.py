@@ -13,6 +13,12 @@ and `curves.png`.
 All sampling randomness comes from generators seeded with (seed, epoch), and the run state holds
 everything else that evolves, so resuming after epoch e gives the same weights as an
 uninterrupted run.
+
+With a `Cluster` of several processes (training.distributed) every rank computes its share of
+each descriptor refresh, all-gathers the rest and mines the same tuples; each step's tuples are
+split between the ranks and DDP averages the gradients, so the weights follow those of one
+process with the same global batch. Rank 0 alone writes the run folder and shows progress.
+AMP in float16 (GPUs without bfloat16) scales the loss with a `GradScaler`.
 """
 
 from __future__ import annotations
@@ -32,19 +38,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from netvlad.batching import describe_tensors
 from netvlad.configs import ConfigError
 from netvlad.datasets.groundtruth import queries_without_positives
 from netvlad.datasets.placeset import PlaceDataset
-from netvlad.devices import resolve_device
+from netvlad.devices import amp_dtype, resolve_device
 from netvlad.errors import DatasetError
 from netvlad.evaluation import recall_at_n
 from netvlad.model import ModelConfig, NetVLADModel
 from netvlad.modelfile import save_model
 from training.config import TrainConfig
+from training.distributed import Cluster
 from training.images import PlaceImages, collate_items, describe_images
 from training.mining import HardNegativeMiner, MinedTuple
-from training.objectives import build_objective
+from training.objectives import StepLoss, build_objective, images_of
+from training.optim import build_optimizer, build_scheduler
 from training.run_state import check_dataset, read_run_state, restore_run_state, save_run_state
 from training.runlog import RunLog
 
@@ -100,7 +107,8 @@ class Trainer:
     Use `fit()`; `Trainer.resume(out, …)` rebuilds a trainer from the run state in `out`. The model
     is moved to the device (and to channels_last) in place. Queries without a potential positive
     are skipped and listed in `skipped` (file and row of each); `num_random` and `max_negatives`
-    are the mining sizes after scaling to the database.
+    are the mining sizes after scaling to the database. `cluster`: this process's rank among
+    data-parallel training processes (default: the only one).
     """
 
     def __init__(
@@ -112,13 +120,15 @@ class Trainer:
         val_set: PlaceDataset | None = None,
         device: str | torch.device | None = "auto",
         progress: bool = True,
+        cluster: Cluster | None = None,
     ):
         config = config if config is not None else TrainConfig()
-        self.device = resolve_device(device)
+        self.device, self.cluster = resolve_device(device), cluster if cluster is not None else Cluster()
         cuda = self.device.type == "cuda"
         config = replace(config, amp=cuda if config.amp is None else config.amp,
                          train_blocks=(-1 if cuda else 1) if config.train_blocks is None else config.train_blocks)
-        self.config, self.out, self.progress, self.amp = config, Path(out), progress, config.amp
+        self.config, self.out, self.amp = config, Path(out), config.amp
+        self.progress = progress and self.cluster.main
         self.train_set, self.val_set = train_set, val_set if val_set is not None else train_set
         self.model = model.to(self.device)
         if config.channels_last:
@@ -156,22 +166,14 @@ class Trainer:
             max_positives=self.objective.max_positives, violating_only=self.objective.violating_only,
         )
         self.frozen = freeze_backbone(self.model, config.train_blocks)
-        self.optimizer = self._optimizer()
-        self.scheduler = self._scheduler()
+        self.step_loss = self.cluster.wrap(StepLoss(self.model, self.objective, self.amp, config.channels_last))
+        self.optimizer = build_optimizer(config, self.model, self.objective)
+        self.scheduler = build_scheduler(self.optimizer, lambda: (self.config, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and amp_dtype(self.device) == torch.float16)
         self.epoch, self.step = 0, 0
         self.best: dict = {}
         self.record = RunLog()
         self._described: dict[int, tuple[int, np.ndarray]] = {}
-
-    # ------------------------------------------------------------------ setup
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = self.objective.param_groups(params, c.lr) if hasattr(self.objective, "param_groups") else params
-        if c.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -180,34 +182,26 @@ class Trainer:
         full, rest = divmod(n, chunk)
         return full * math.ceil(chunk / self.batch_size) + math.ceil(rest / self.batch_size)
 
-    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        def factor(step: int) -> float:  # reads the config each time: `resume(epochs=…)` stretches it
-            c, per_epoch = self.config, self.steps_per_epoch
-            if c.schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, step / (c.epochs * per_epoch))))
-            if c.schedule == "step":
-                return 0.5 ** (step // (per_epoch * c.lr_step_epochs))
-            return 1.0
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
     # ------------------------------------------------------------------ descriptors
 
     def _describe(self, images: PlaceImages, indices: np.ndarray | None = None) -> np.ndarray:
-        """Descriptors of images[indices] (default all) under the current weights; all-image
-        results are reused until the next optimiser step (validation on the training set feeds
-        the next epoch's first cache refresh)."""
-        c = self.config
+        """Descriptors of images[indices] (default all) under the current weights, each rank
+        computing its share; all-image results are reused until the next optimiser step
+        (validation on the training set feeds the next epoch's first cache refresh)."""
         if indices is not None and len(indices) < len(images):
-            return describe_images(self.model, images, indices, c.eval_batch_size, c.workers, self.amp,
-                                   c.channels_last, self.progress)
+            return self._describe_shared(images, np.asarray(indices))
         cached = self._described.get(id(images))
         if cached is None or cached[0] != self.step:
-            cached = self.step, describe_images(self.model, images, None, c.eval_batch_size, c.workers, self.amp,
-                                                c.channels_last, self.progress)
+            cached = self.step, self._describe_shared(images, np.arange(len(images)))
             self._described = {k: v for k, v in self._described.items() if v[0] == self.step}
             self._described[id(images)] = cached
         return cached[1]
+
+    def _describe_shared(self, images: PlaceImages, indices: np.ndarray) -> np.ndarray:
+        c = self.config
+        part = describe_images(self.model, images, self.cluster.share(indices), c.eval_batch_size, c.workers,
+                               self.amp, c.channels_last, self.progress)
+        return self.cluster.gather_rows(part, len(indices))
 
     def validate(self) -> dict:
         """Recall@1/5/10 (fractions) on the validation set with the current weights."""
@@ -231,18 +225,20 @@ class Trainer:
             block.eval()
 
     def _train_step(self, tuples: list[MinedTuple], loaded: tuple[list, list]) -> tuple[float, int]:
-        """One optimiser step; returns (loss, images forwarded)."""
+        """One optimiser step on the step's `tuples` (this rank's share of them `loaded`); returns
+        (loss, images forwarded by all ranks). A rank's loss is weighted by its share of the loss
+        terms × ranks, so that the gradients DDP averages are those of the whole step's loss."""
         q_items, db_items = loaded
         tensors = [self.q_images.checked(it) for it in q_items] + [self.db_images.checked(it) for it in db_items]
-        desc = describe_tensors(self.model, tensors, self.amp, self.config.channels_last)
-        sizes = [len(t.positives) + len(t.negatives) for t in tuples]
-        query, rest = desc[: len(tuples)], desc[len(tuples) :]
-        loss = self.objective(query, list(torch.split(rest, sizes)), tuples)
+        share = self.cluster.share(tuples)
+        weight = self.objective.terms(share) * self.cluster.world / self.objective.terms(tuples)
+        loss = self.step_loss(tensors, share, weight)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
-        return float(loss.detach()), len(tensors)
+        return self.cluster.mean(float(loss.detach())), images_of(tuples)
 
     def train_epoch(self) -> dict:
         """Train one epoch (self.epoch + 1); returns its log values."""
@@ -258,8 +254,10 @@ class Trainer:
             mined = [self.miner.mine(int(q), rng) for q in chunk]
             slots = [mined[i : i + self.batch_size] for i in range(0, len(mined), self.batch_size)]
             steps = [[t for t in slot if t is not None] for slot in slots]
-            loader = DataLoader(_StepImages(steps, self.q_images, self.db_images), batch_size=None,
-                                num_workers=c.workers, collate_fn=collate_items)
+            shares = [self.cluster.share(tuples) for tuples in steps]
+            loader = DataLoader(_StepImages(shares, self.q_images, self.db_images), batch_size=None,
+                                num_workers=c.workers, collate_fn=collate_items,
+                                pin_memory=self.device.type == "cuda")
             self._train_mode()
             tick = time.perf_counter()
             for slot, tuples, loaded in zip(slots, steps, loader):
@@ -305,9 +303,13 @@ class Trainer:
             "dataset": self.train_set.name or str(self.train_set.root), "loss": self.config.loss,
             "epoch": self.epoch, "recall": {str(n): recall[n] for n in RECALL_NS},
         }
-        save_model(self.model, self.out / FINAL_MODEL)
-        if not self.best or recall[1] > self.best["recall@1"]:
+        better = not self.best or recall[1] > self.best["recall@1"]
+        if better:
             self.best = {"epoch": self.epoch, "recall@1": recall[1]}
+        if not self.cluster.main:
+            return
+        save_model(self.model, self.out / FINAL_MODEL)
+        if better:
             save_model(self.model, self.out / BEST_MODEL)
         save_run_state(self)
         self.record.write(self.out)
@@ -326,9 +328,10 @@ class Trainer:
         progress: bool = True,
         epochs: int | None = None,
         workers: int | None = None,
+        cluster: Cluster | None = None,
     ) -> "Trainer":
         """A trainer continuing the run in `out` from its run state; `epochs` may raise the total
-        (the LR schedule then stretches to it), `workers` and `device` may change."""
+        (the LR schedule then stretches to it), `workers`, `device` and the processes may change."""
         payload = read_run_state(out)
         check_dataset(payload, out, train_set)
         config = TrainConfig.from_dict(payload["train_config"])
@@ -338,6 +341,6 @@ class Trainer:
                          workers=config.workers if workers is None else workers)
         model = NetVLADModel(ModelConfig.from_dict(payload["model"]["config"]))
         model.load_state_dict(payload["model"]["state_dict"])
-        trainer = cls(model, train_set, out, config, val_set, device, progress)
+        trainer = cls(model, train_set, out, config, val_set, device, progress, cluster)
         restore_run_state(trainer, payload)
         return trainer

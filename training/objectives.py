@@ -7,6 +7,10 @@ Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their
 - `soft`: listwise `SoftLabelCrossEntropy` over the query's positives and nearest negatives, soft
   labels `exp(−(dist_m/σ)²)` from the geographic distance between query and candidate;
 - `rsw`: `RealignedSoftmaxWarpingLoss` with one proxy per place id, over every image of the batch.
+
+Each loss is a mean of independent terms (one per query, or per image for RSW: `terms(tuples)`),
+so `StepLoss` can weight a rank's share of a step's tuples to give, after DDP averages the
+gradients over ranks, exactly the gradient of the whole step's loss.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from netvlad.batching import describe_tensors
 from netvlad.datasets.placeset import PlaceDataset
 from netvlad.errors import DatasetError
 from netvlad.losses import RealignedSoftmaxWarpingLoss, SoftLabelCrossEntropy, TripletRankingLoss, geo_soft_labels
 from training.config import TrainConfig
 from training.mining import MinedTuple
+
+
+def images_of(tuples: Sequence[MinedTuple]) -> int:
+    """Images a step forwards for `tuples`: each query, its positives and its negatives."""
+    return sum(1 + len(t.positives) + len(t.negatives) for t in tuples)
 
 
 def _padded(candidates: Sequence[Tensor], start: int, stop: int | None) -> tuple[Tensor, Tensor]:
@@ -40,6 +50,7 @@ class TripletObjective(nn.Module):
     """NetVLAD's triplet ranking loss: best positive vs margin-violating negatives."""
 
     max_positives, violating_only = 1, True
+    terms = staticmethod(len)  # the loss averages one term per query
 
     def __init__(self, margin: float, max_negatives: int):
         super().__init__()
@@ -55,6 +66,7 @@ class SoftObjective(nn.Module):
     """Listwise soft-label cross entropy over a query's candidates, labels from geographic distance."""
 
     violating_only = False
+    terms = staticmethod(len)  # one term per query
 
     def __init__(self, dataset: PlaceDataset, sigma_m: float, temperature: float, max_positives: int):
         super().__init__()
@@ -82,6 +94,7 @@ class RSWObjective(nn.Module):
     """
 
     max_positives, violating_only = 1, False
+    terms = staticmethod(images_of)  # one term per image (query, positives, negatives)
 
     def __init__(self, dataset: PlaceDataset, dim: int, alpha: float, k1: float, k2: float, temperature: float):
         super().__init__()
@@ -116,3 +129,24 @@ def build_objective(config: TrainConfig, train_set: PlaceDataset, dim: int, max_
     if c.loss == "soft":
         return SoftObjective(train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
     return RSWObjective(train_set, dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature)
+
+
+class StepLoss(nn.Module):
+    """A training step's loss as one module (model + objective), the unit DDP wraps: images
+    (queries, then per tuple its positives and negatives) → descriptors → weighted objective."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module, amp: bool, channels_last: bool):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.amp, self.channels_last = amp, channels_last
+
+    def forward(self, tensors: Sequence[Tensor], tuples: Sequence[MinedTuple], weight: float) -> Tensor:
+        """`weight` × the objective on `tuples`, whose (3, H, W) images are `tensors`. No tuples
+        (a rank without a share of this step): a zero loss that still reaches every trainable
+        parameter, so the rank takes part in DDP's gradient averaging."""
+        if not tuples:
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        desc = describe_tensors(self.model, tensors, self.amp, self.channels_last)
+        sizes = [len(t.positives) + len(t.negatives) for t in tuples]
+        query, rest = desc[: len(tuples)], desc[len(tuples) :]
+        return self.objective(query, list(torch.split(rest, sizes)), tuples) * weight

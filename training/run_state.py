@@ -6,8 +6,8 @@ stopped (same weights as an uninterrupted run): one `torch.save` dict, loadable 
 
     {"format": "netvlad-run-state", "version": 1, "epoch", "step", "best": {"epoch", "recall@1"},
      "train_config": {...TrainConfig...}, "dataset": sha256 of the training set,
-     "model": {"config", "state_dict"}, "objective", "optimizer", "scheduler", "miner", "record",
-     "rng": {"torch", "cuda", "numpy", "python"}}
+     "model": {"config", "state_dict"}, "objective", "optimizer", "scheduler", "scaler" (float16 AMP's
+     GradScaler; {} when off), "miner", "record", "rng": {"torch", "cuda", "numpy", "python"}}
 
 Tensors are stored on the CPU; the numpy RNG keys as an int64 tensor.
 """
@@ -82,6 +82,7 @@ def save_run_state(trainer: Trainer) -> Path:
         "objective": _cpu(trainer.objective.state_dict()),
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
         "miner": trainer.miner.state_dict(),
         "record": trainer.record.state_dict(),
         "rng": _rng_state(),
@@ -112,11 +113,13 @@ def check_dataset(payload: dict, folder: str | os.PathLike, train_set: PlaceData
 
 
 def restore_run_state(trainer: Trainer, payload: dict) -> None:
-    """Load a run state's evolving parts (objective, optimiser, scheduler, miner, record, counters,
-    RNGs) into a trainer built from its config and model."""
+    """Load a run state's evolving parts (objective, optimiser, scheduler, scaler, miner, record,
+    counters, RNGs) into a trainer built from its config and model."""
     trainer.objective.load_state_dict(payload["objective"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):
+        trainer.scaler.load_state_dict(payload["scaler"])
     trainer.miner.load_state_dict(payload["miner"])
     trainer.record.load_state_dict(payload["record"])
     trainer.epoch, trainer.step, trainer.best = payload["epoch"], payload["step"], dict(payload["best"])
