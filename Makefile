@@ -58,3 +58,7 @@ default-model: install photos
 		--lr 1e-4 --train-blocks 2 --amp --seed 1
 	cp runs/ship-ft/best.pt netvlad/weights/default.pt
 	rm -f runs-photos.txt runs-init.txt
+
+# The prepared GPU check (issue 13): CUDA tests, extraction, layer, faiss-gpu, AMP, a 3-minute training run.
+gpu-check: install photos
+	benchmarks/gpu_check.sh

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from netvlad.batching import default_workers, shape_batches
+from netvlad.devices import amp_dtype
 from netvlad.imageio import find_photos, load_image
 from netvlad.index import Index
 from netvlad.indexing import index_folder
@@ -75,7 +76,7 @@ def backbone_rate(model, photos: list[Path], batch_size: int, amp: bool) -> floa
     start = time.perf_counter()
     for batch in batches:
         images = torch.stack([tensors[i] for i in batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             model.backbone(images)
     if device.type == "cuda":
         torch.cuda.synchronize()

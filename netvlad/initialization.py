@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from netvlad.errors import ImageError
 from netvlad.imageio import ImageSource
 from netvlad.model import NetVLADModel
+from netvlad.vectorindex import faiss_has_gpu
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,19 @@ def sample_local_features(
     return torch.cat(samples).numpy()
 
 
+def kmeans_init(model: NetVLADModel, features: np.ndarray, seed: int) -> float:
+    """NetVLAD centres and α by k-means on local features (M, D): on the GPUs when faiss has them,
+    on the CPU (with a log line) when faiss-gpu is missing or fails. Returns α."""
+    if faiss_has_gpu():
+        try:
+            return model.pool.init_from_features(features, seed=seed, gpu=True)
+        except RuntimeError as exc:
+            log.warning("faiss GPU k-means failed, clustering on the CPU: %s", exc)
+    elif model.device.type == "cuda":
+        log.info("faiss has no GPU (install the `gpu` extra for faiss-gpu): k-means on the CPU")
+    return model.pool.init_from_features(features, seed=seed)
+
+
 def init_model(
     model: NetVLADModel,
     images: Sequence[ImageSource],
@@ -88,7 +102,7 @@ def init_model(
         summary["bn_images"] = recalibrate_batchnorm(model, images, progress)
     features = sample_local_features(model, images, per_image, seed, progress)
     summary["features"] = int(features.shape[0])
-    summary["alpha"] = model.pool.init_from_features(features, seed=seed)
+    summary["alpha"] = kmeans_init(model, features, seed)
     if whitening_dim:
         model.whitening = None
         descriptors = model.describe(images, progress=progress)

@@ -77,9 +77,11 @@ class NetVLAD(nn.Module):
 
     @torch.no_grad()
     def init_from_features(
-        self, features: np.ndarray | torch.Tensor, niter: int = 25, nredo: int = 1, seed: int = 1234
+        self, features: np.ndarray | torch.Tensor, niter: int = 25, nredo: int = 1, seed: int = 1234,
+        gpu: bool = False,
     ) -> float:
-        """k-means (faiss) on sampled local features (M, D), then α from the two nearest centres.
+        """k-means (faiss; on the GPUs with `gpu`) on sampled local features (M, D), then α from the
+        two nearest centres.
 
         α = −log(1/ASSIGNMENT_RATIO) / mean(d²_2nd − d²_1st), squared distances of each feature to
         its nearest and second-nearest centre. `nredo` k-means restarts keep the best. Returns α.
@@ -91,7 +93,7 @@ class NetVLAD(nn.Module):
         if data.shape[0] < total:
             raise ValueError(f"k-means needs at least {total} features, got {data.shape[0]}")
         kmeans = faiss.Kmeans(self.dim, total, niter=niter, nredo=nredo, seed=seed, verbose=False,
-                              max_points_per_centroid=100_000)
+                              max_points_per_centroid=100_000, gpu=gpu)
         kmeans.train(data)
         squared, _ = kmeans.index.search(data, 2)  # (M, 2) squared L2, ascending
         gap = float(np.mean(squared[:, 1] - squared[:, 0]))

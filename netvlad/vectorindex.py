@@ -13,10 +13,10 @@ On a machine with faiss-gpu and a GPU, training, adding and searching run on a G
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass
 
 import faiss
@@ -24,6 +24,8 @@ import numpy as np
 
 from netvlad.errors import IndexStoreError
 from netvlad.storage import write_atomic
+
+log = logging.getLogger(__name__)
 
 #: Below this many images the exact Flat index is fast enough and uses the catalog's recall.
 FLAT_LIMIT = 50_000
@@ -111,7 +113,8 @@ def needs_training(spec: IndexSpec, dim: int) -> bool:
         raise IndexStoreError(f"bad index type {spec.factory!r} for {dim} dims: {exc}") from None
 
 
-def _has_gpu() -> bool:
+def faiss_has_gpu() -> bool:
+    """Whether faiss was built with GPU support (faiss-gpu, extra `gpu`) and sees a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -144,13 +147,13 @@ class VectorIndex:
 
     @staticmethod
     def _train(index: faiss.Index, training: np.ndarray) -> faiss.Index:
-        if _has_gpu():
+        if faiss_has_gpu():
             try:
                 gpu = faiss.index_cpu_to_all_gpus(index)
                 gpu.train(training)
                 return faiss.index_gpu_to_cpu(gpu)
             except RuntimeError as exc:  # a type the GPU cannot hold: train on the CPU
-                warnings.warn(f"training on the CPU: {exc}", stacklevel=3)
+                log.warning("faiss GPU training failed, training on the CPU: %s", exc)
         index.train(training)
         return index
 
@@ -218,7 +221,7 @@ class VectorIndex:
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids
 
     def _searcher(self) -> faiss.Index:
-        if not _has_gpu():
+        if not faiss_has_gpu():
             return self.index
         if self._gpu_copy is None:
             try:
@@ -226,7 +229,7 @@ class VectorIndex:
                 if self.spec.params:
                     faiss.GpuParameterSpace().set_index_parameters(self._gpu_copy, self.spec.params)
             except RuntimeError as exc:  # a type the GPU cannot hold: search on the CPU
-                warnings.warn(f"searching on the CPU: {exc}", stacklevel=3)
+                log.warning("faiss GPU copy failed, searching on the CPU: %s", exc)
                 return self.index
         return self._gpu_copy
 
