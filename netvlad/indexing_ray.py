@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
 #: Seconds to wait for a cluster address to accept a connection before giving up.
 CONNECT_TIMEOUT_S = 5.0
-#: Tries of a describe batch whose actor dies (the actor itself is restarted without limit).
-TASK_RETRIES = 3
 #: Placeholder pixels of a photo that failed to decode (uint8 (3, 1, 1)).
 NO_PIXELS = np.zeros((3, 1, 1), np.uint8)
 
@@ -51,7 +49,8 @@ NO_PIXELS = np.zeros((3, 1, 1), np.uint8)
 class RayOptions:
     """How to run on Ray. `address`: ``auto`` (the cluster `ray start` runs on this node),
     ``local`` (a private one-node Ray in this process) or ``HOST:PORT`` / ``ray://HOST:PORT``;
-    `concurrency`: describe actors (None: one per GPU, else one); `batch_size`: photos per batch;
+    `concurrency`: describe actors (None: one per GPU, or per CPU on clusters without GPUs);
+    `batch_size`: photos per batch;
     `read_from`: base URI workers read photos from (None: the driver's paths)."""
 
     address: str = "auto"
@@ -208,11 +207,10 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
             fn_kwargs={"preprocess": index.model.preprocess, "max_pixels": index.max_pixels},
         ).map_batches(
             Describer, batch_size=options.batch_size, batch_format="numpy", num_gpus=1 if gpus else 0,
-            compute=ray.data.ActorPoolStrategy(size=options.concurrency or max(1, gpus)),
+            compute=ray.data.ActorPoolStrategy(size=options.concurrency or gpus or cpus),
             fn_constructor_kwargs={"model_path": str(index.directory / MODEL), "device": "cuda" if gpus else "cpu",
                                    "amp": index.amp},
-            max_restarts=-1, max_task_retries=TASK_RETRIES,
-        )
+        )  # Ray Data restarts a dead actor and retries its batch (max_restarts=-1, max_task_retries=-1)
         commit_results(index, report, results.iter_batches(batch_size=None, batch_format="numpy"), total,
                        progress, save_every)
 

@@ -43,7 +43,7 @@ def index_command(
         help="Describe on a Ray cluster: auto (the one `ray start` runs here), local, or HOST:PORT. "
              "Photos and index folder on a filesystem all nodes see (docs/ray-cluster.md).")] = None,
     ray_concurrency: Annotated[Optional[int], typer.Option(
-        min=1, help="Describe actors on Ray (default: one per GPU, or one).")] = None,
+        min=1, help="Describe actors on Ray (default: one per GPU, or one per CPU without GPUs).")] = None,
     ray_batch_size: Annotated[int, typer.Option(min=1, help="Photos per Ray batch.")] = 16,
     ray_read_from: Annotated[Optional[str], typer.Option(
         help="Base URI Ray workers read the photos from (s3://bucket/photos/…), PHOTOS' layout.")] = None,
