@@ -116,21 +116,17 @@ def ray_session(address: str):
 def decode_rows(batch: dict[str, np.ndarray], preprocess: Preprocess, max_pixels: int) -> dict[str, list]:
     """Ray task: rows (id, path) → (id, pixels uint8 (3, H, W) at the network's input size, reason);
     a photo that cannot be read or decoded gets `NO_PIXELS` and its `ImageError.reason`."""
-    items, unreadable = [], {}
+    items, samples = [], []
     for key, path in zip(batch["id"].tolist(), batch["path"].tolist()):
         try:
             items.append((key, _read_uri(path) if "://" in path else path))
         except OSError as exc:
-            unreadable[key] = f"unreadable ({exc})"
-            items.append((key, b""))
+            samples.append((key, None, ImageError(path, f"unreadable ({exc})")))
     dataset = PhotoDataset(items, preprocess, max_pixels, pixels=True)
-    rows = {"id": [], "pixels": [], "reason": []}
-    for i in range(len(dataset)):
-        key, pixels, error = dataset[i]
-        rows["id"].append(key)
-        rows["pixels"].append(NO_PIXELS if pixels is None else pixels.numpy())
-        rows["reason"].append(unreadable.get(key) or (error.reason if error is not None else ""))
-    return rows
+    samples += [dataset[i] for i in range(len(dataset))]
+    return {"id": [key for key, _, _ in samples],
+            "pixels": [NO_PIXELS if pixels is None else pixels.numpy() for _, pixels, _ in samples],
+            "reason": [error.reason if error is not None else "" for _, _, error in samples]}
 
 
 def _read_uri(uri: str) -> bytes:
