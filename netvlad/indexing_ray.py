@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 #: Seconds to wait for a cluster address to accept a connection before giving up.
 CONNECT_TIMEOUT_S = 5.0
+#: Most batches in one block of the input Dataset (a decode task's share, retried as a whole).
+BLOCK_BATCHES = 64
 #: Placeholder pixels of a photo that failed to decode (uint8 (3, 1, 1)).
 NO_PIXELS = np.zeros((3, 1, 1), np.uint8)
 
@@ -165,7 +167,8 @@ class Describer:
 
 def pending_table(index: Index, batch_size: int, read_from: str | None, blocks: int) -> list:
     """The pending photos as pyarrow tables (id int64, path string), rows grouped by predicted
-    input shape (`shape_batches`), split into about `blocks` tables of whole batches."""
+    input shape (`shape_batches`), split into about `blocks` tables of whole batches (at most
+    `BLOCK_BATCHES` each)."""
     import pyarrow as pa
 
     pending = index.catalog.pending()
@@ -174,7 +177,7 @@ def pending_table(index: Index, batch_size: int, read_from: str | None, blocks: 
     order = [i for batch in shape_batches(shapes, batch_size) for i in batch]
     ids = [pending[i][0] for i in order]
     paths = [_worker_path(index, pending[i][1], pending[i][2], read_from) for i in order]
-    rows = batch_size * max(1, -(-len(order) // (batch_size * blocks)))
+    rows = batch_size * min(BLOCK_BATCHES, max(1, -(-len(order) // (batch_size * blocks))))
     return [pa.table({"id": pa.array(ids[s : s + rows], pa.int64()), "path": pa.array(paths[s : s + rows], pa.string())})
             for s in range(0, len(order), rows)]
 
@@ -195,7 +198,7 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
         tables = pending_table(index, options.batch_size, options.read_from, blocks=4 * cpus)
         if not tables:
             return
-        total = sum(len(table) for table in tables)
+        expected = np.concatenate([table["id"].to_numpy() for table in tables])
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's bar says it all
         ray.data.DataContext.get_current().enable_progress_bars = False
         results = ray.data.from_arrow(tables).map_batches(
@@ -207,21 +210,22 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
             fn_constructor_kwargs={"model_path": str(index.directory / MODEL), "device": "cuda" if gpus else "cpu",
                                    "amp": index.amp},
         )  # Ray Data restarts a dead actor and retries its batch (max_restarts=-1, max_task_retries=-1)
-        commit_results(index, report, results.iter_batches(batch_size=None, batch_format="numpy"), total,
+        commit_results(index, report, results.iter_batches(batch_size=None, batch_format="numpy"), expected,
                        progress, save_every)
 
 
-def commit_results(index: Index, report: IndexingReport, batches, total: int, progress: bool,
+def commit_results(index: Index, report: IndexingReport, batches, expected: np.ndarray, progress: bool,
                    save_every: float) -> None:
-    """Store each result batch (id, descriptor, reason) in the index, once per id; failures are
-    marked failed with their reasons; the faiss index is saved every `save_every` seconds."""
-    done: set[int] = set()
+    """Store each result batch (id, descriptor, reason) in the index, once per id of `expected`
+    (int64 (n,)); failures are marked failed with their reasons; the faiss index is saved every
+    `save_every` seconds."""
+    done = np.zeros(int(expected.max()) + 1, bool)  # one byte per catalog id: 10 MB at 10 M photos
     last_save = time.monotonic()
-    with tqdm(total=total, desc="describe (ray)", unit="img", disable=not progress, smoothing=0.05) as bar:
+    with tqdm(total=len(expected), desc="describe (ray)", unit="img", disable=not progress, smoothing=0.05) as bar:
         for batch in batches:
-            fresh = [i for i, key in enumerate(batch["id"].tolist()) if key not in done]
+            fresh = ~done[batch["id"]]
             ids, reasons = batch["id"][fresh], batch["reason"][fresh]
-            done.update(ids.tolist())
+            done[ids] = True
             ok = reasons == ""
             if ok.any():
                 index.store_descriptors(ids[ok].tolist(), batch["descriptor"][fresh][ok])
