@@ -92,19 +92,24 @@ def end_to_end_rate(model, folder: Path, work: Path, batch_size: int, workers: i
     return report.described / seconds, report.to_dict()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_photo_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the indexing benchmarks: photos made (count, size, sources) and batching."""
     parser.add_argument("--count", type=int, default=96, help="photos to index")
     parser.add_argument("--size", default="1024x768", help="photo size WIDTHxHEIGHT")
+    parser.add_argument("--photos", type=Path, default=REPO / "data" / "photos", help="source photos folder (`make photos`)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_photo_options(parser)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for both measurements")
     parser.add_argument("--model", help="model file (default: a fresh model built from the options below)")
     parser.add_argument("--backbone", default="resnet18-layer3")
     parser.add_argument("--clusters", type=int, default=64)
     parser.add_argument("--max-side", type=int, default=640)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--photos", type=Path, default=REPO / "data" / "photos", help="source photos folder (`make photos`)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
     sources = sorted(find_photos([args.photos]))

@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 #: Seconds to wait for a cluster address to accept a connection before giving up.
 CONNECT_TIMEOUT_S = 5.0
-#: Most batches in one block of the input Dataset (a decode task's share, retried as a whole).
+#: Blocks of the input Dataset per cluster CPU: a describe task returns its block's rows all at
+#: once, so small blocks keep results (commits, the progress bar) flowing.
+BLOCKS_PER_CPU = 16
+#: Most batches in one block (a task's share, retried as a whole).
 BLOCK_BATCHES = 64
 #: Placeholder pixels of a photo that failed to decode (uint8 (3, 1, 1)).
 NO_PIXELS = np.zeros((3, 1, 1), np.uint8)
@@ -195,7 +198,7 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
     with ray_session(options.address) as ray:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        tables = pending_table(index, options.batch_size, options.read_from, blocks=4 * cpus)
+        tables = pending_table(index, options.batch_size, options.read_from, blocks=BLOCKS_PER_CPU * cpus)
         if not tables:
             return
         expected = np.concatenate([table["id"].to_numpy() for table in tables])
