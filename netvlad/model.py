@@ -91,12 +91,19 @@ class NetVLADModel(nn.Module):
         return self.local_norm(self.backbone(images))
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) → (N, K·D) NetVLAD descriptors before whitening."""
-        return self.pool(self.local_features(images))
+        """(N, 3, H, W) → (N, K·D) NetVLAD descriptors before whitening. The backbone may run under
+        autocast; normalisation and pooling always run in float32 (soft assignment and residual
+        sums over thousands of locations lose too much in bfloat16)."""
+        features = self.backbone(images)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.pool(self.local_norm(features.float()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         descriptors = self.pooled(images)
-        return self.whitening(descriptors) if self.whitening is not None else descriptors
+        if self.whitening is None:
+            return descriptors
+        with torch.autocast(descriptors.device.type, enabled=False):
+            return self.whitening(descriptors)
 
     def add_whitening(self, descriptors: np.ndarray | torch.Tensor, out_dim: int) -> np.ndarray:
         """Learn PCA-whitening to `out_dim` from (N, K·D) pooled descriptors and attach it."""
