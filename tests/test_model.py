@@ -169,3 +169,14 @@ def test_init_from_real_photos_then_whitening(real_photos):
     again = model.describe(photos[:2])
     assert np.allclose(again, descriptors[:2], atol=1e-5)
     assert np.abs(descriptors @ descriptors.T - np.eye(12)).max() < 0.999
+
+
+def test_amp_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch):
+    from netvlad import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert "8-11x slower" in devices.slow_bf16_warning(cpu, True)
+    assert devices.slow_bf16_warning(cpu, None) is None and devices.slow_bf16_warning(cpu, False) is None
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert devices.slow_bf16_warning(cpu, True) is None

@@ -23,7 +23,7 @@ import typer
 import torch
 
 from netvlad.datasets.placeset import DATABASE_CSV, PlaceDataset, load_place_dataset
-from netvlad.devices import resolve_device
+from netvlad.devices import resolve_device, slow_bf16_warning
 from netvlad.modelfile import load_model
 from training.config import Loss, Optimizer, Schedule, TrainConfig
 from training.distributed import DistributedError, Layout, check_devices, launch, leave_group
@@ -109,6 +109,8 @@ def train_command(
     job = TrainJob(out, train_set, val_set, torch_device, progress, as_json, model=model, config=None if resume else config,
                    epochs=epochs if resume and _given(ctx, "epochs") else None,
                    workers=workers if resume and _given(ctx, "workers") else None)
+    if (slow := slow_bf16_warning(torch_device, amp)) is not None:
+        typer.echo(f"warning: {slow}", err=True)
     torchrun = Layout.of_torchrun()
     if torchrun is not None:
         if devices > 1 or nodes > 1:

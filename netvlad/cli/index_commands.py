@@ -10,6 +10,7 @@ import typer
 
 from netvlad.cli.app import app
 from netvlad.catalog import display_path
+from netvlad.devices import resolve_device, slow_bf16_warning
 from netvlad.errors import ImageError
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.index import Index
@@ -56,6 +57,8 @@ def index_command(
         from netvlad.indexing_ray import RayOptions
 
         ray_options = RayOptions(ray, ray_concurrency, ray_batch_size, ray_read_from).checked()
+    if (slow := slow_bf16_warning(resolve_device(device), amp)) is not None:
+        typer.echo(f"warning: {slow}", err=True)
     with Index.open_or_create(index_dir, model, index_type, device=device, amp=amp) as index:
         index.max_pixels = max_pixels
         report = index_folder(index, photos, prune=prune, batch_size=batch_size, workers=workers,
