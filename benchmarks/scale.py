@@ -92,6 +92,7 @@ def measured_add(empty, part, out):
 
 
 def ray_add_and_merge(empty: np.ndarray, parts, work: Path, workers: int, figures: dict) -> faiss.Index:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine session on 127.0.0.1
     import ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)

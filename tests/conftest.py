@@ -4,6 +4,9 @@
 fetches it; when that folder has no manifest yet, the same tool (`tools/fetch_photos.py`) fetches
 it on first use (Debian wallpaper photos when the network allows, plus the scikit-image and
 scikit-learn photos), so tests always run on real photographs.
+
+Local Ray sessions of the tests talk over the loopback interface only (Ray otherwise binds its
+processes to the machine's network address).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from netvlad.imageio import PHOTO_SUFFIXES
 from tools.fetch_photos import MANIFEST, fetch_photos
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray: 127.0.0.1 for a one-machine session
 
 
 @pytest.fixture(scope="session")
