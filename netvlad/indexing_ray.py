@@ -168,13 +168,12 @@ class Describer:
         }
 
 
-def pending_table(index: Index, batch_size: int, read_from: str | None, blocks: int) -> list:
-    """The pending photos as pyarrow tables (id int64, path string), rows grouped by predicted
-    input shape (`shape_batches`), split into about `blocks` tables of whole batches (at most
-    `BLOCK_BATCHES` each)."""
+def pending_table(index: Index, pending: list[tuple], batch_size: int, read_from: str | None, blocks: int) -> list:
+    """`pending` photos (`Catalog.pending` rows) as pyarrow tables (id int64, path string), rows
+    grouped by predicted input shape (`shape_batches`), split into about `blocks` tables of whole
+    batches (at most `BLOCK_BATCHES` each)."""
     import pyarrow as pa
 
-    pending = index.catalog.pending()
     preprocess = index.model.preprocess
     shapes = [preprocess.output_shape(w, h) if w and h else None for _, _, _, w, h in pending]
     order = [i for batch in shape_batches(shapes, batch_size) for i in batch]
@@ -195,12 +194,13 @@ def _worker_path(index: Index, path: str, origin: str, read_from: str | None) ->
 def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptions, progress: bool = True,
                          save_every: float = 600.0) -> None:
     """Describe every pending image of `index` on Ray and commit the results (fills `report`)."""
+    pending = index.catalog.pending()
+    if not pending:
+        return
     with ray_session(options.address) as ray:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        tables = pending_table(index, options.batch_size, options.read_from, blocks=BLOCKS_PER_CPU * cpus)
-        if not tables:
-            return
+        tables = pending_table(index, pending, options.batch_size, options.read_from, blocks=BLOCKS_PER_CPU * cpus)
         expected = np.concatenate([table["id"].to_numpy() for table in tables])
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's bar says it all
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -209,7 +209,7 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
             fn_kwargs={"preprocess": index.model.preprocess, "max_pixels": index.max_pixels},
         ).map_batches(
             Describer, batch_size=options.batch_size, batch_format="numpy", num_gpus=1 if gpus else 0,
-            compute=ray.data.ActorPoolStrategy(size=options.concurrency or gpus or cpus),
+            compute=ray.data.ActorPoolStrategy(size=min(options.concurrency or gpus or cpus, len(tables))),
             fn_constructor_kwargs={"model_path": str(index.directory / MODEL), "device": "cuda" if gpus else "cpu",
                                    "amp": index.amp},
         )  # Ray Data restarts a dead actor and retries its batch (max_restarts=-1, max_task_retries=-1)
