@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine Ray on 127.0.0.1
+import ray  # noqa: E402
 
 from netvlad.imageio import find_photos
 from netvlad.index import Index

@@ -18,6 +18,7 @@ Ray is imported here only; without it `--ray` is one line naming the `distribute
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from contextlib import contextmanager
@@ -99,7 +100,10 @@ def _check_reachable(address: str) -> None:
 @contextmanager
 def ray_session(address: str):
     """Ray connected for the block: an already initialised Ray is used as it is (and left running);
-    otherwise `address` is joined (or a local Ray started) and shut down afterwards."""
+    otherwise `address` is joined (or a local Ray started) and shut down afterwards. A local Ray talks
+    over the loopback interface only (Ray otherwise binds to the machine's network address)."""
+    if address == "local":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     ray = import_ray()
     if ray.is_initialized():
         yield ray
