@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from netvlad.devices import amp_dtype, resolve_device
 from netvlad.imageio import find_photos
