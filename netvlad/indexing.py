@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from netvlad.batching import PhotoDataset, collate_by_shape, default_workers, describe_batches, shape_batches
-from netvlad.catalog import display_path
+from netvlad.records import display_path
 from netvlad.exif import read_photo_info
 from netvlad.imageio import walk_photos
 from netvlad.index import Index

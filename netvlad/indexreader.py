@@ -16,7 +16,7 @@ from typing import BinaryIO, Union
 
 import numpy as np
 
-from netvlad.catalog import ImageRecord
+from netvlad.records import ImageRecord
 from netvlad.descriptorstore import DESCRIPTORS, DescriptorStore
 from netvlad.imageio import DEFAULT_MAX_PIXELS
 from netvlad.legacyblobs import migrate

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from netvlad.catalog import ImageRecord
+from netvlad.records import ImageRecord
 from netvlad.errors import PhotoFileError
 from netvlad.storage import confined_target, open_confined
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyproj
 import torch
 
-from netvlad.catalog import ImageRecord
+from netvlad.records import ImageRecord
 from netvlad.descriptorstore import DescriptorStore
 from netvlad.soft import softargmax, softmedian, weighted_softmedian
 from netvlad.vectorindex import VectorIndex

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from netvlad.cli.app import app
-from netvlad.catalog import display_path
+from netvlad.records import display_path
 from netvlad.devices import resolve_device, slow_bf16_warning
 from netvlad.errors import ImageError
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image

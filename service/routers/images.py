@@ -17,7 +17,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Request, Respons
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from netvlad.catalog import ImageRecord
+from netvlad.records import ImageRecord
 from netvlad.errors import MetadataError, PhotoFileError
 from netvlad.imageio import open_image
 from netvlad.metadata import validate_metadata
