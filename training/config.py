@@ -52,6 +52,7 @@ class TrainConfig:
     rsw_k1: float = 0.25
     rsw_k2: float = 2.0
     rsw_temperature: float = 16.0
+    rsw_margin: float = 1.0  # the authors' "increased delta"; 1: the value inside the radius is the distance
     seed: int = 0
     amp: bool | None = None
     channels_last: bool = True

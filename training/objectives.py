@@ -96,7 +96,8 @@ class RSWObjective(nn.Module):
     max_positives, violating_only = 1, False
     terms = staticmethod(images_of)  # one term per image (query, positives, negatives)
 
-    def __init__(self, dataset: PlaceDataset, dim: int, alpha: float, k1: float, k2: float, temperature: float):
+    def __init__(self, dataset: PlaceDataset, dim: int, alpha: float, k1: float, k2: float, temperature: float,
+                 margin: float = 1.0):
         super().__init__()
         if dataset.db_place_ids is None or dataset.q_place_ids is None:
             raise DatasetError(
@@ -106,7 +107,8 @@ class RSWObjective(nn.Module):
         places, labels = np.unique(np.concatenate([dataset.db_place_ids, dataset.q_place_ids]), return_inverse=True)
         self.register_buffer("db_labels", torch.as_tensor(labels[: len(dataset.db_place_ids)]), persistent=False)
         self.register_buffer("q_labels", torch.as_tensor(labels[len(dataset.db_place_ids) :]), persistent=False)
-        self.loss = RealignedSoftmaxWarpingLoss(len(places), dim, alpha=alpha, k1=k1, k2=k2, temperature=temperature)
+        self.loss = RealignedSoftmaxWarpingLoss(len(places), dim, alpha=alpha, k1=k1, k2=k2, temperature=temperature,
+                                                margin=margin)
 
     def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
         device = self.db_labels.device
@@ -128,7 +130,7 @@ def build_objective(config: TrainConfig, train_set: PlaceDataset, dim: int, max_
         return TripletObjective(c.margin, max_negatives)
     if c.loss == "soft":
         return SoftObjective(train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
-    return RSWObjective(train_set, dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature)
+    return RSWObjective(train_set, dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature, c.rsw_margin)
 
 
 class StepLoss(nn.Module):
