@@ -3,17 +3,19 @@ ids as the single-process build and finds about the same neighbours; memory-mapp
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
 from netvlad.catalog import Catalog
 from netvlad.descriptorstore import DescriptorStore
 from netvlad.exif import PhotoInfo
-from netvlad.shardbuild import build_sharded, wants_sharded_build
+from netvlad.shardbuild import build_sharded, mergeable, wants_sharded_build
 from netvlad.vectorindex import IndexSpec, VectorIndex
 
 N, DIM, SHARD = 3000, 32, 700
 SPEC = IndexSpec.parse("IVF16,PQ8x4fs")
+MERGEABLE = IndexSpec.parse("IVF16,PQ8")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -44,13 +46,14 @@ def store(tmp_path_factory):
     catalog.close()
 
 
-def test_ray_build_equals_the_single_process_build(store, ray_session, tmp_path):
+@pytest.mark.parametrize("spec", [MERGEABLE, SPEC], ids=["ivfpq-merged-on-ray", "fast-scan-added-in-order"])
+def test_ray_build_equals_the_single_process_build(store, ray_session, tmp_path, spec):
     store, x = store
-    assert wants_sharded_build(SPEC, N)  # a Ray session is up
-    merged = build_sharded(store, SPEC, tmp_path)
+    assert wants_sharded_build(spec, N)  # a Ray session is up
+    merged = build_sharded(store, spec, tmp_path)
     assert not list(tmp_path.iterdir())  # the partial indexes are gone
     ids = store.catalog.indexed_ids()
-    single = VectorIndex.create(DIM, SPEC, store.descriptors(ids))
+    single = VectorIndex.create(DIM, spec, store.descriptors(ids))
     single.add(ids, store.descriptors(ids))
     assert np.array_equal(merged.ids(), ids) and np.array_equal(single.ids(), ids)
     queries = x[100:300]
@@ -59,6 +62,13 @@ def test_ray_build_equals_the_single_process_build(store, ray_session, tmp_path)
     truth = np.argsort(-(queries @ x[50:].T), axis=1)[:, :10] + 51
     recall = [np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) for found in (a, b)]
     assert abs(recall[0] - recall[1]) < 0.1 and recall[0] > 0.3, recall
+
+
+def test_fast_scan_lists_are_never_merged():
+    """merge_from corrupts block-packed fast-scan lists; plain IVF-PQ lists merge exactly."""
+    assert mergeable(faiss.index_factory(DIM, "IVF16,PQ8"))
+    assert not mergeable(faiss.index_factory(DIM, "IVF16,PQ8x4fs"))
+    assert not mergeable(faiss.index_factory(DIM, "PCAR16,IVF16,PQ8x4fs"))
 
 
 def test_memory_mapped_index_searches_like_the_loaded_one(store, tmp_path, monkeypatch):
