@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import netvlad
-from netvlad.errors import DiskFullError, ImageError, IndexStoreError, MetadataError
+from netvlad.errors import DiskFullError, ImageError, IndexStoreError, MetadataError, PhotoFileError
 from netvlad.index import Index
 from service.batcher import MicroBatcher
 from service.deps import ServiceState
@@ -89,7 +89,8 @@ def close_state(state: ServiceState) -> None:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Library errors as JSON `{"detail": ...}` like FastAPI's own, in one place: a photo that does
-    not decode or metadata that is invalid is the client's (413/415/422 by kind), an index that
+    not decode or metadata that is invalid is the client's (413/415/422 by kind), a photo file that
+    cannot be served a 404 with the reason, an index that
     cannot be changed or read is the service's (503), a full disk too (507)."""
 
     def error(status: int, detail: str) -> JSONResponse:
@@ -102,6 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MetadataError)
     async def metadata_error(request: Request, exc: MetadataError) -> JSONResponse:
         return error(422, str(exc))
+
+    @app.exception_handler(PhotoFileError)
+    async def photo_file_error(request: Request, exc: PhotoFileError) -> JSONResponse:
+        return error(404, str(exc))
 
     @app.exception_handler(IndexStoreError)
     async def index_error(request: Request, exc: IndexStoreError) -> JSONResponse:

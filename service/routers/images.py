@@ -18,7 +18,6 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from netvlad.records import ImageRecord
-from netvlad.errors import MetadataError, PhotoFileError
 from netvlad.imageio import open_image
 from netvlad.metadata import validate_metadata
 from service.deps import ReadAccess, ServiceState, State, WriteAccess
@@ -83,10 +82,7 @@ def _metadata(name: str | None, lat: float | None, lon: float | None, extra: str
         metadata.update(lat=lat, lon=lon)
     if name:
         metadata["name"] = name
-    try:
-        return validate_metadata(metadata)
-    except MetadataError as exc:
-        raise HTTPException(422, str(exc)) from None
+    return validate_metadata(metadata)  # MetadataError: a 422 (service.app)
 
 
 def _add(state: ServiceState, data: bytes, name: str, metadata: dict) -> ImageRecord:
@@ -128,11 +124,9 @@ async def get_image(request: Request, state: State, image_id: ImageId) -> ImageO
 
 
 def _open_file(state: ServiceState, image_id: int):
+    """The record and the opened file (PhotoFileError: a 404 with the reason, service.app)."""
     record = _record(state, image_id)
-    try:
-        return record, state.index.open_photo(record)
-    except PhotoFileError as exc:
-        raise HTTPException(404, str(exc)) from None
+    return record, state.index.open_photo(record)
 
 
 def _chunks(handle) -> Iterator[bytes]:
