@@ -7,8 +7,8 @@ faiss index) built single-process and with Ray, then searched.
 Descriptors are clustered (1 000 unit centres, noise of norm 0.7, renormalised), written shard by
 shard through `DescriptorStore.append` so they never all sit in memory; catalog rows through
 `Catalog.record_file` with photo-like paths. Prints per size: time and peak RSS of each phase
-(train, add, merge; VmHWM, reset between phases with /proc/self/clear_refs; for Ray's add the
-largest worker's), bytes per photo of the folder (catalog + shards + faiss), recall@10 of the
+(train, add, Ray add with merging, repacking as fast-scan; VmHWM, reset between phases with /proc/self/clear_refs; for Ray's add the
+largest task's too), bytes per photo of the folder (catalog + shards + faiss), recall@10 of the
 index (raw, and after the exact rescoring `search.rank` does on the top 50) against exact search
 of `--queries` noisy database vectors, and queries/s (batched, and one query at a time).
 """
@@ -29,7 +29,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from netvlad.catalog import Catalog
 from netvlad.descriptorstore import DescriptorStore
 from netvlad.exif import PhotoInfo
-from netvlad.shardbuild import add_partial, add_rows, merge_partial, mergeable, sample_ids
+from netvlad.shardbuild import add_on_ray, add_partial, add_rows, as_type_of, partial_type, sample_ids
 from netvlad.vectorindex import VectorIndex, choose_spec, training_size
 
 CENTRES = 1_000
@@ -86,34 +86,31 @@ def timed(label: str, fn, figures: dict):
 
 
 def measured_add(empty, part, out):
-    """Ray task: `add_partial`, returning the task's peak RSS too."""
+    """Ray task: `add_partial`, writing the task's peak RSS beside the build folder (`<out>.rss`)."""
     peak_rss(reset=True)
-    return add_partial(empty, part, out), peak_rss()
+    path = add_partial(empty, part, out)
+    (Path(out).parent.parent / f"{Path(out).name}.rss").write_text(str(peak_rss()))
+    return path
 
 
-def ray_add_and_merge(empty: np.ndarray, parts, work: Path, workers: int, figures: dict) -> faiss.Index:
+def ray_build(trained: faiss.Index, parts, work: Path, workers: int, figures: dict) -> faiss.Index:
+    """The Ray build of `netvlad.shardbuild`: partials added by `workers` tasks, merged as they
+    finish, then repacked as fast-scan when `trained` is; the largest task's peak RSS recorded."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine session on 127.0.0.1
     import ray
 
+    empty = faiss.serialize_index(partial_type(trained))
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        task = ray.remote(measured_add)
-        ref = ray.put(empty)
-        start = time.perf_counter()
-        results = ray.get([task.remote(ref, p, str(work / f"part-{k}.faiss")) for k, p in enumerate(parts)])
-        figures["ray add (2 workers)"] = (time.perf_counter() - start, max(r for _, r in results))
-        print(f"  {'ray add (2 workers)':<22} {figures['ray add (2 workers)'][0]:8.1f} s   peak RSS "
-              f"{figures['ray add (2 workers)'][1] / MB:8.0f} MiB (largest worker)", flush=True)
+        merged = timed("ray add+merge (2 w.)", lambda: add_on_ray(empty, parts, work, task=measured_add), figures)
     finally:
         ray.shutdown()
-
-    def merge():
-        index = faiss.deserialize_index(empty)
-        for path, _ in results:
-            merge_partial(index, path)
-        return index
-
-    return timed("ray merge (driver)", merge, figures)
+    peaks = list(work.glob("*.rss"))
+    worker_peak = max(int(f.read_text()) for f in peaks)
+    for f in peaks:
+        f.unlink()
+    print(f"  {'':<22} largest Ray task's peak RSS {worker_peak / MB:8.0f} MiB", flush=True)
+    return timed("repack (driver)", lambda: as_type_of(merged, trained), figures)
 
 
 def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
@@ -147,12 +144,8 @@ def run(n: int, dim: int, n_queries: int, work: Path, workers: int) -> None:
         return index
 
     single = VectorIndex(timed("add (1 process)", add_single, figures), spec)
-    if mergeable(trained.index):
-        merged = VectorIndex(ray_add_and_merge(empty, parts, folder, workers, figures), spec)
-        assert np.array_equal(single.ids(), merged.ids()) and len(merged) == n, "Ray build holds other ids"
-    else:
-        print(f"  ray add + merge skipped: the fast-scan lists of {spec.factory} cannot be merged (netvlad/shardbuild.py)")
-        merged = single
+    merged = VectorIndex(ray_build(trained.index, parts, folder, workers, figures), spec)
+    assert np.array_equal(single.ids(), merged.ids()) and len(merged) == n, "Ray build holds other ids"
     faiss_bytes = single.save(folder / "vectors.faiss")
 
     _, found = merged.search(queries, 10)
@@ -174,9 +167,8 @@ def run(n: int, dim: int, n_queries: int, work: Path, workers: int) -> None:
     shard_bytes = folder_bytes(folder / "descriptors")
     train_s, add_s = figures["train"][0], figures["add (1 process)"][0]
     print(f"  build time: single process {train_s + add_s:.1f} s (train {train_s:.1f} + add {add_s:.1f})")
-    if "ray merge (driver)" in figures:
-        ray_s = figures["ray add (2 workers)"][0] + figures["ray merge (driver)"][0]
-        print(f"  build time: Ray 2 workers {train_s + ray_s:.1f} s (train {train_s:.1f} + add and merge {ray_s:.1f})")
+    ray_s = figures["ray add+merge (2 w.)"][0] + figures["repack (driver)"][0]
+    print(f"  build time: Ray 2 workers {train_s + ray_s:.1f} s (train {train_s:.1f} + add, merge and repack {ray_s:.1f})")
     print(f"  bytes/photo: {total / n:.0f} (catalog {catalog_bytes / n:.0f}, descriptors {shard_bytes / n:.0f}, "
           f"faiss {faiss_bytes / n:.0f}); target 2 x dim + 400 = {2 * dim + 400}; folder {total / 1e9:.2f} GB")
     print(f"  final faiss index {faiss_bytes / MB:.0f} MiB")

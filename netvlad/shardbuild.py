@@ -13,8 +13,13 @@ and a memory-mapped shard: neither grows with the collection beyond the final in
 A killed build leaves only the temp folder, swept by the next writer.
 
 Fast-scan types (`…x4fs`) keep their inverted lists packed in blocks, which `merge_from`
-corrupts (heap corruption, reproduced with faiss 1.15 on a 12-partial IVF256,PQ64x4fs build): they
-are always built shard after shard in one process (`mergeable`).
+corrupts (heap corruption, reproduced with faiss 1.15 on a 12-partial IVF256,PQ64x4fs build). So
+the partials of a fast-scan IVF-PQ index are plain IVF-PQ indexes with the same coarse quantizer
+and PQ codebooks (`partial_type`), whose lists merge exactly; the merged index is repacked once
+into the fast-scan layout (`IndexIVFPQFastScan(ivfpq)`), which gives the codes, ids and results of
+adding every shard to the fast-scan index directly. That conversion briefly holds both layouts, so
+the driver's peak is about twice the final index. Other fast-scan types are built shard after
+shard in one process.
 """
 
 from __future__ import annotations
@@ -48,6 +53,53 @@ def mergeable(index: faiss.Index) -> bool:
     """Whether partial indexes of this type can be merged (`merge_from`): IVF types whose
     inverted lists are not block-packed fast-scan lists."""
     return not isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+
+
+def partial_type(index: faiss.Index) -> faiss.Index | None:
+    """The trained empty index that partial builds of the trained empty `index` start from:
+    `index` itself when mergeable; for fast-scan IVF-PQ, a copy whose IVF part is a plain IVF-PQ
+    with the same quantizer and codebooks; None for types that cannot be built in parts."""
+    if mergeable(index):
+        return index
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if not isinstance(ivf, faiss.IndexIVFPQFastScan):
+        return None
+    quantizer = faiss.clone_index(ivf.quantizer)
+    plain = faiss.IndexIVFPQ(quantizer, ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits, ivf.metric_type)
+    quantizer.this.disown()
+    plain.own_fields = True
+    plain.pq = ivf.pq
+    plain.by_residual = ivf.by_residual
+    plain.is_trained = True
+    return with_ivf(faiss.clone_index(index), plain)
+
+
+def as_type_of(merged: faiss.Index, index: faiss.Index) -> faiss.Index:
+    """`merged` (built from `partial_type(index)`) in the layout of `index`: its IVF-PQ lists
+    repacked as fast-scan blocks when `index` is fast-scan, else `merged` itself."""
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if mergeable(index):
+        return merged
+    plain = faiss.downcast_index(faiss.extract_index_ivf(merged))
+    packed = faiss.IndexIVFPQFastScan(plain, ivf.bbs)
+    plain.own_fields, packed.own_fields = False, True  # the coarse quantizer now belongs to `packed`
+    return with_ivf(merged, packed)
+
+
+def with_ivf(index: faiss.Index, ivf: faiss.Index) -> faiss.Index:
+    """`index` with its IVF part replaced by `ivf`: `ivf` itself when `index` is a bare IVF index;
+    for transforms over an IVF index, `index` now owning `ivf` (its old inner index is freed)."""
+    if not isinstance(index, faiss.IndexPreTransform):  # faiss hands out downcast, owning objects
+        return ivf
+    wrapper = index
+    old = wrapper.index
+    wrapper.index = ivf
+    ivf.this.disown()
+    if wrapper.own_fields:
+        old.this.acquire()  # freed with this proxy
+    wrapper.own_fields = True
+    wrapper.ntotal = ivf.ntotal
+    return wrapper
 
 
 def wants_sharded_build(spec: IndexSpec, n: int) -> bool:
@@ -94,22 +146,26 @@ def build_sharded(store: DescriptorStore, spec: IndexSpec, directory: Path) -> V
     log.info("building a %s index of %d descriptors from %d shards%s", spec.factory, n, len(parts),
              " on Ray" if ray_session() else "")
     vectors = VectorIndex.create(store.dim, spec, store.descriptors(sample_ids(parts, training_size(spec, n))))
-    if ray_session() and mergeable(vectors.index):
-        _add_on_ray(vectors.index, parts, directory)
-    else:
+    partial = partial_type(vectors.index) if ray_session() else None
+    if partial is None:
         for part in parts:
             add_rows(vectors.index, part)
-    return vectors
+        return vectors
+    merged = add_on_ray(faiss.serialize_index(partial), parts, directory)
+    return VectorIndex(as_type_of(merged, vectors.index), spec)
 
 
-def _add_on_ray(index: faiss.Index, parts: list[ShardRows], directory: Path) -> None:
+def add_on_ray(empty: np.ndarray, parts: list[ShardRows], directory: Path, task=add_partial) -> faiss.Index:
+    """The serialised trained empty index `empty` with every shard of `parts` added by Ray tasks
+    (`task(empty, part, out)` returns the partial's path), merged on the driver as they finish."""
     import ray
 
+    index = faiss.deserialize_index(empty)
     folder = directory / f".build.tmp-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     try:
-        empty = ray.put(faiss.serialize_index(index))
-        task = ray.remote(add_partial)
+        empty = ray.put(empty)
+        task = ray.remote(task)
         limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         pending = []
         for k, part in enumerate(parts):
@@ -122,3 +178,4 @@ def _add_on_ray(index: faiss.Index, parts: list[ShardRows], directory: Path) -> 
             merge_partial(index, ray.get(done[0]))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    return index

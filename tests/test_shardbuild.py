@@ -10,7 +10,7 @@ import pytest
 from netvlad.catalog import Catalog
 from netvlad.descriptorstore import DescriptorStore
 from netvlad.exif import PhotoInfo
-from netvlad.shardbuild import build_sharded, mergeable, wants_sharded_build
+from netvlad.shardbuild import add_rows, as_type_of, build_sharded, mergeable, partial_type, wants_sharded_build
 from netvlad.vectorindex import IndexSpec, VectorIndex
 
 N, DIM, SHARD = 3000, 32, 700
@@ -46,7 +46,7 @@ def store(tmp_path_factory):
     catalog.close()
 
 
-@pytest.mark.parametrize("spec", [MERGEABLE, SPEC], ids=["ivfpq-merged-on-ray", "fast-scan-added-in-order"])
+@pytest.mark.parametrize("spec", [MERGEABLE, SPEC], ids=["ivfpq-merged-on-ray", "fast-scan-merged-as-ivfpq-on-ray"])
 def test_ray_build_equals_the_single_process_build(store, ray_session, tmp_path, spec):
     store, x = store
     assert wants_sharded_build(spec, N)  # a Ray session is up
@@ -69,6 +69,36 @@ def test_fast_scan_lists_are_never_merged():
     assert mergeable(faiss.index_factory(DIM, "IVF16,PQ8"))
     assert not mergeable(faiss.index_factory(DIM, "IVF16,PQ8x4fs"))
     assert not mergeable(faiss.index_factory(DIM, "PCAR16,IVF16,PQ8x4fs"))
+    assert partial_type(faiss.index_factory(DIM, "IVF16,RaBitQfs")) is None  # built in one process
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ8x4fs", "PCAR16,IVF16,PQ8x4fs"])
+def test_fast_scan_built_in_plain_parts_equals_direct_adds(store, factory):
+    """Partials as plain IVF-PQ (same quantizer and codebooks), merged, then repacked: the same
+    ids, distances and neighbours as adding every shard to the fast-scan index itself."""
+    store, x = store
+    trained = VectorIndex.create(DIM, IndexSpec.parse(factory), x[:2000]).index
+    direct = faiss.clone_index(trained)
+    parts = store.live_rows()
+    for part in parts:
+        add_rows(direct, part)
+    empty = faiss.serialize_index(partial_type(trained))
+    partials = []
+    for part in parts:
+        partials.append(faiss.deserialize_index(empty))
+        add_rows(partials[-1], part)
+    for other in partials[1:]:
+        faiss.extract_index_ivf(partials[0]).merge_from(faiss.extract_index_ivf(other), 0)
+    built = as_type_of(partials[0], trained)
+    del partials, trained  # the result owns everything it needs
+    assert built.ntotal == direct.ntotal == N - 50
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(built)), faiss.IndexIVFPQFastScan)
+    for index in (built, direct):
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 4)
+    d1, i1 = built.search(x[:200], 10)
+    d2, i2 = direct.search(x[:200], 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
 
 
 def test_memory_mapped_index_searches_like_the_loaded_one(store, tmp_path, monkeypatch):
