@@ -54,3 +54,8 @@ class DiskFullError(NetVLADError):
 class PhotoFileError(NetVLADError):
     """A catalogued photo's file cannot be served: not indexed, outside the collection, a link,
     gone, or changed since it was indexed. The message names no server path."""
+
+
+class RerankUnavailableError(NetVLADError):
+    """A re-ranking was asked of an index that holds no local evidence for it (e.g. geometric
+    verification of an index built without ``--local-features``); the message says how to add it."""

@@ -45,9 +45,27 @@ class Location:
 
 
 @dataclass
+class Rerank:
+    """The local evidence behind a re-ranked hit (`netvlad.rerank`): the method, its score
+    (inliers for ``geometric``, spatial score for ``patch``, expanded similarity for ``aqe``),
+    whether it passed the method's threshold, the query photo it was matched with (0-based), the
+    geometric model that won, and matched points (x_q, y_q, x_c, y_c): pixels of that query photo
+    as searched (`query_size` (w, h)) and of the hit's photo file at full size."""
+
+    method: str
+    score: float
+    verified: bool
+    query: int = 0
+    model: str | None = None
+    query_size: tuple[int, int] | None = None
+    points: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class Hit:
     """One result: catalog id, fused score (cosine similarity scale), absolute path of its file,
-    coordinates when catalogued, its similarity to each query photo, and its catalog record."""
+    coordinates when catalogued, its similarity to each query photo, its catalog record, and
+    the evidence of a re-ranking when one was asked for."""
 
     id: int
     score: float
@@ -56,17 +74,21 @@ class Hit:
     lon: float | None = None
     query_scores: list[float] = field(default_factory=list)
     record: ImageRecord | None = None
+    rerank: Rerank | None = None
 
 
 @dataclass
 class SearchResult:
     """Ranked hits (best first), the location estimate (None without coordinates), the fusion
-    used and the number of query photos."""
+    used, the number of query photos, the re-ranking applied (``none``, ``geometric``, ``patch``,
+    ``aqe``) and the milliseconds it took."""
 
     hits: list[Hit]
     location: Location | None
     fusion: str
     queries: int
+    rerank: str = "none"
+    rerank_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
