@@ -74,22 +74,40 @@ def recall_at_n(
         raise ValueError(f"queries must be one of {QUERY_CONVENTIONS}, not {queries!r}")
     if len(db) == 0:
         raise DatasetError("the database is empty")
-    counts = np.array([len(p) for p in positives], dtype=np.int64)
-    evaluated = counts > 0
-    if not evaluated.any():
-        raise DatasetError(f"none of the {len(q)} queries has a positive database image")
-
     k = min(max(ns), len(db))
     index = faiss.IndexFlatIP(db.shape[1])
     index.add(db)
     _, top_ids = index.search(q, k)
+    return recall_of_rankings(top_ids, positives, len(db), ns, per_query, queries)
+
+
+def recall_of_rankings(
+    top_ids: np.ndarray,
+    positives: Sequence[np.ndarray],
+    database: int,
+    ns: Sequence[int] = DEFAULT_NS,
+    per_query: bool = False,
+    queries: str = "all",
+) -> dict:
+    """Recall@N of given rankings: `top_ids` (Nq, k) database indices per query, best first (-1:
+    none); `positives` and the result as in `recall_at_n`; `database` the database size. Used
+    directly for rankings that are not plain nearest-neighbour search (re-ranked shortlists)."""
+    top_ids = np.asarray(top_ids, dtype=np.int64)
+    if top_ids.ndim != 2 or len(top_ids) != len(positives):
+        raise ValueError(f"{len(positives)} positive sets for rankings of shape {top_ids.shape}")
+    ns = _check_ns(ns)
+    counts = np.array([len(p) for p in positives], dtype=np.int64)
+    evaluated = counts > 0
+    if not evaluated.any():
+        raise DatasetError(f"none of the {len(top_ids)} queries has a positive database image")
 
     # A retrieved id is a hit when (query, id) is one of the (query, positive) pairs.
     flat_positives = np.concatenate([np.asarray(p, dtype=np.int64).ravel() for p in positives])
-    if flat_positives.min() < 0 or flat_positives.max() >= len(db):
-        raise ValueError(f"positive indices must lie in [0, {len(db)}), the database size")
-    pair_keys = np.repeat(np.arange(len(q), dtype=np.int64), counts) * len(db) + flat_positives
-    hits = np.isin(np.arange(len(q), dtype=np.int64)[:, None] * len(db) + top_ids, pair_keys)
+    if flat_positives.min() < 0 or flat_positives.max() >= database:
+        raise ValueError(f"positive indices must lie in [0, {database}), the database size")
+    rows = np.arange(len(top_ids), dtype=np.int64)
+    pair_keys = np.repeat(rows, counts) * database + flat_positives
+    hits = np.isin(rows[:, None] * database + top_ids, pair_keys) & (top_ids >= 0)
     first = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, -1)
 
     found = first if queries == "all" else first[evaluated]  # no positive: first == -1, a miss
@@ -102,7 +120,7 @@ def recall_at_n(
     }
     if per_query:
         result["first_positive_rank"] = first.astype(np.int64)
-        result["top_ids"] = top_ids.astype(np.int64)
+        result["top_ids"] = top_ids
     return result
 
 
