@@ -131,16 +131,52 @@ def test_deterministic_for_a_seed(built: Path, small_photos: list[Path], tmp_pat
     assert digest["queries.csv"] != tree_digest(built)["queries.csv"]
 
 
+def photos_of(folder: Path) -> set[str]:
+    ds = load_place_dataset(folder)
+    return {source_of(i) for i in ds.db_images + ds.q_images}
+
+
 def test_holdout_splits_whole_photos(small_photos: list[Path], tmp_path: Path):
-    config = PlacesetConfig(**{**TINY.__dict__, "holdout": 0.25, "queries_per_photo": 3})
+    """--holdout: train/ for training, val/ for choosing, test/ for figures; no source photo in two."""
+    config = PlacesetConfig(**{**TINY.__dict__, "holdout": 0.5, "queries_per_photo": 3})
     summary = make_placeset(small_photos, tmp_path / "split", config, progress=False)
+    assert set(summary.datasets) == {"train", "val", "test"}
+    parts = {s: photos_of(summary.datasets[s]) for s in ("train", "val", "test")}
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+    assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
+    assert {r.folder for r in summary.photos if r.split == "test"} == parts["test"]
+    train, test = load_place_dataset(summary.datasets["train"]), load_place_dataset(summary.datasets["test"])
+    assert len(test.q_images) == 3 and len(train.q_images) == 6
+    assert test.db_place_ids.min() == 0  # place ids are numbered within each dataset
+    meta = json.loads((tmp_path / "split" / METADATA).read_text())
+    assert meta["config"]["test_fraction"] == 0.5 and set(meta["datasets"]) == {"train", "val", "test"}
+
+
+def test_holdout_without_test_keeps_the_two_part_split(small_photos: list[Path], tmp_path: Path):
+    """test_fraction 0 writes train/ and val/ only; with a test part the held-out photos are the
+    same (test's photos come out of the two-part val), so older split folders stay reproducible."""
+    two = PlacesetConfig(**{**TINY.__dict__, "holdout": 0.5, "test_fraction": 0.0, "queries_per_photo": 2})
+    summary = make_placeset(small_photos, tmp_path / "two", two, progress=False)
     assert set(summary.datasets) == {"train", "val"}
-    train, val = (load_place_dataset(summary.datasets[s]) for s in ("train", "val"))
-    train_photos = {source_of(i) for i in train.db_images + train.q_images}
-    val_photos = {source_of(i) for i in val.db_images + val.q_images}
-    assert len(val_photos) == 1 and len(train_photos) == 3 and not train_photos & val_photos
-    assert len(val.q_images) == 3 and len(train.q_images) == 9
-    assert val.db_place_ids.min() == 0  # place ids are numbered within each dataset
+    three = make_placeset(small_photos, tmp_path / "three", PlacesetConfig(**{**two.__dict__, "test_fraction": 0.5}),
+                          progress=False)
+    assert photos_of(three.datasets["train"]) == photos_of(summary.datasets["train"])
+    assert photos_of(three.datasets["val"]) | photos_of(three.datasets["test"]) == photos_of(summary.datasets["val"])
+    one = PlacesetConfig(**{**TINY.__dict__, "holdout": 0.25, "test_fraction": 0.0, "queries_per_photo": 2})
+    datasets = make_placeset(small_photos, tmp_path / "one", one, progress=False).datasets
+    assert [len(photos_of(datasets[s])) for s in ("train", "val")] == [3, 1]
+
+
+def test_holdout_needs_enough_photos(small_photos: list[Path], tmp_path: Path):
+    config = PlacesetConfig(**{**TINY.__dict__, "holdout": 0.3})
+    with pytest.raises(DatasetError, match="at least 3 source photos"):
+        make_placeset(small_photos[:2], tmp_path / "few", config, progress=False)
+    with pytest.raises(DatasetError, match="test fraction"):
+        make_placeset(small_photos, tmp_path / "bad", PlacesetConfig(**{**config.__dict__, "test_fraction": 1.0}), progress=False)
+    # Two photos still make a train/val pair without a test part.
+    summary = make_placeset(small_photos[:2], tmp_path / "pair", PlacesetConfig(**{**config.__dict__, "test_fraction": 0.0}),
+                            progress=False)
+    assert set(summary.datasets) == {"train", "val"}
 
 
 def test_corrupt_and_flat_photos_are_skipped(small_photos: list[Path], tmp_path: Path):
@@ -199,8 +235,16 @@ def test_cli(small_photos: list[Path], tmp_path: Path, monkeypatch, capsys):
     )
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["queries"] == 2 * len(small_photos) and set(summary["datasets"]) == {"train", "val"}
-    assert len(load_place_dataset(tmp_path / "cli" / "val").q_images) == 4
+    assert summary["queries"] == 2 * len(small_photos) and set(summary["datasets"]) == {"train", "val", "test"}
+    assert [len(load_place_dataset(tmp_path / "cli" / s).q_images) for s in ("train", "val", "test")] == [4, 2, 2]
+    code, out, err = run_cli(
+        monkeypatch, capsys, "make-placeset", str(folder), "--out", str(tmp_path / "cli2"), "--crop-size", "48",
+        "--stride", "24", "--out-size", "48x36", "--queries-per-photo", "2", "--holdout", "0.5", "--test-fraction", "0",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert sorted(line.split(":")[0] for line in out.splitlines()) == ["train", "val"]
+    assert not (tmp_path / "cli2" / "test").exists()
     code, _, err = run_cli(monkeypatch, capsys, "make-placeset", str(folder), "--out", str(tmp_path / "cli"), "--no-progress")
     assert code == 1 and err.startswith("error: ") and "exists and is not empty" in err and err.count("\n") == 1
     result = CliRunner().invoke(app, ["make-placeset", str(folder), "--out", str(tmp_path / "y"), "--out-size", "48by36"])

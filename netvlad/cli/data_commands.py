@@ -42,14 +42,23 @@ def make_placeset_command(
         float, typer.Option(min=0.0, help="Drop database crops flatter than this mean gradient (grey levels/px); 0 keeps all.")
     ] = _DEFAULTS.min_detail,
     holdout: Annotated[
-        float, typer.Option(min=0.0, max=0.99, help="Fraction of whole source photos written to OUT/val (rest OUT/train).")
+        float,
+        typer.Option(min=0.0, max=0.99, help="Fraction of whole source photos held out of training (OUT/train gets the "
+                                             "rest): split into OUT/val and OUT/test by --test-fraction. 0: one dataset in OUT."),
     ] = 0.0,
+    test_fraction: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.99, help="Fraction of the held-out photos written to OUT/test (figures), the rest to "
+                                             "OUT/val (choosing epochs); no photo in both. 0: only OUT/val, as before."),
+    ] = _DEFAULTS.test_fraction,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing make-placeset output folder.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Build a place dataset (database crops on a grid, re-photographed queries, metric positions)
-    from ordinary photographs; each photo is one street far from the others."""
+    from ordinary photographs; each photo is one street far from the others. With --holdout, whole
+    photos are held out: OUT/train for training, OUT/val for choosing epochs, OUT/test for the
+    figures (e.g. --holdout 0.3: 70 % train, 15 % val, 15 % test)."""
     config = PlacesetConfig(
         crop_size=crop_size,
         stride=stride,
@@ -59,6 +68,7 @@ def make_placeset_command(
         metres_per_pixel=metres_per_pixel,
         min_detail=min_detail,
         holdout=holdout,
+        test_fraction=test_fraction,
     )
     sources = find_photos(photos)
     if not sources:

@@ -12,8 +12,12 @@ scale), gamma, gain, colour cast, illumination gradient, blur, noise, occluders 
 re-compression. Place ids group blocks of grid points about 25 m wide, numbered 0..P−1 within
 each written dataset; a query takes the id of its nearest database crop.
 
-With `holdout` > 0, whole source photos are held out: `OUT/train` and `OUT/val` are two place
-datasets; otherwise `OUT` is one. `OUT/placeset.json` records the settings and every photo.
+With `holdout` > 0, whole source photos are held out of training: `OUT/train` is made from the
+others, and the held-out photos are split again, `test_fraction` of them into `OUT/test` and the
+rest into `OUT/val`, so that `val/` (for choosing epochs and settings) and `test/` (for the
+figures) share no source photo and neither shares one with `train/`. `test_fraction` 0 writes
+only `OUT/train` and `OUT/val` (the older two-part layout); `holdout` 0 writes one dataset into
+`OUT`. `OUT/placeset.json` records the settings and every photo with its split.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class PlacesetConfig:
     pos_radius_m: float = groundtruth.POSITIVE_RADIUS_M
     max_query_offset_m: float = 12.5
     min_detail: float = 0.6  # grid crops flatter than this (`_detail`, e.g. clear sky) are dropped
-    holdout: float = 0.0
+    holdout: float = 0.0  # fraction of the source photos held out of training (val/ + test/)
+    test_fraction: float = 0.5  # fraction of the held-out photos written to test/ (the rest: val/)
 
     @property
     def crop_shape(self) -> tuple[int, int]:
@@ -87,6 +92,8 @@ class PlacesetConfig:
             raise DatasetError(f"min detail must be ≥ 0, got {self.min_detail}")
         if not 0 <= self.holdout < 1:
             raise DatasetError(f"holdout is a fraction of the photos in [0, 1), got {self.holdout}")
+        if not 0 <= self.test_fraction < 1:
+            raise DatasetError(f"test fraction is a fraction of the held-out photos in [0, 1), got {self.test_fraction}")
 
 
 @dataclass
@@ -106,7 +113,7 @@ class PhotoRecord:
 
 @dataclass
 class PlacesetSummary:
-    """Result of `make_placeset`: dataset folders by split ("all" or "train"/"val") and one
+    """Result of `make_placeset`: dataset folders by split ("all", or "train"/"val"/"test") and one
     record per source photo (skipped ones carry the reason)."""
 
     out: Path
@@ -130,7 +137,7 @@ class PlacesetSummary:
 def make_placeset(
     photos: list[Path], out: Path, config: PlacesetConfig = PlacesetConfig(), overwrite: bool = False, progress: bool = True
 ) -> PlacesetSummary:
-    """Write a place dataset (or a train/val pair) built from `photos` into `out`. The result
+    """Write a place dataset (or train/val/test parts) built from `photos` into `out`. The result
     depends only on the set of photos (names and contents, not their order) and on `config`
     (seed included). Photos that
     cannot be decoded, are smaller than a crop or duplicate another photo are skipped and
@@ -164,15 +171,22 @@ def make_placeset(
 
 
 def _split(photos: list[Path], config: PlacesetConfig) -> list[str]:
-    """Split name per photo: "all", or "train"/"val" with round(holdout·n) (≥ 1) whole photos
-    in val, chosen by the seed."""
+    """Split name per photo: "all", or "train"/"val"/"test". round(holdout·n) whole photos are
+    held out (at least one per held-out part, at least one left to train), chosen by the seed; of
+    them round(test_fraction·held) (≥ 1 when test_fraction > 0) go to test, the rest to val.
+    The held-out photos are the first of one seeded permutation, test's before val's, so with
+    test_fraction 0 the split is the older train/val one."""
     if config.holdout == 0:
         return ["all"] * len(photos)
-    if len(photos) < 2:
-        raise DatasetError("holding out photos needs at least two source photos")
-    n_val = min(len(photos) - 1, max(1, round(config.holdout * len(photos))))
-    val = set(np.random.default_rng(config.seed).permutation(len(photos))[:n_val].tolist())
-    return ["val" if i in val else "train" for i in range(len(photos))]
+    parts = 2 if config.test_fraction > 0 else 1
+    if len(photos) < parts + 1:
+        what = "a val and a test part" if parts == 2 else "a val part"
+        raise DatasetError(f"holding out {what} needs at least {parts + 1} source photos, got {len(photos)}")
+    n_held = min(len(photos) - 1, max(parts, round(config.holdout * len(photos))))
+    n_test = min(n_held - 1, max(1, round(config.test_fraction * n_held))) if parts == 2 else 0
+    order = np.random.default_rng(config.seed).permutation(len(photos)).tolist()
+    split = {i: "test" for i in order[:n_test]} | {i: "val" for i in order[n_test:n_held]}
+    return [split.get(i, "train") for i in range(len(photos))]
 
 
 def _build(photos: list[Path], splits: list[str], work: Path, config: PlacesetConfig, progress: bool) -> PlacesetSummary:
