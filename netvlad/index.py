@@ -2,7 +2,8 @@
 
 `IndexReader` (`netvlad.indexreader`) opens and searches an index folder; `Index` adds creating
 one and changing it: adding photos (`netvlad.intake`), removing them, storing descriptors from
-folder runs (`netvlad.indexing`) and saving the faiss index (`netvlad.vectorcache`). One process
+folder runs (`netvlad.indexing`) with the re-ranking evidence it keeps
+(`netvlad.rerank.indexevidence`), and saving the faiss index (`netvlad.vectorcache`). One process
 writes at a time (the folder's writer lock); every write is atomic, and a full disk is one
 `DiskFullError` with nothing half-written.
 """
@@ -25,6 +26,7 @@ from netvlad.indexreader import IndexReader, ModelArg
 from netvlad.intake import Photo, catalogue, describe_new, prepare_photos, remove_files
 from netvlad.metadata import validate_metadata
 from netvlad.modelfile import load_model
+from netvlad.rerank.indexevidence import MAX_KEYPOINTS
 from netvlad.storage import disk_full_errors
 from netvlad.vectorcache import AUTO
 from netvlad.vectorindex import IndexSpec, needs_training
@@ -52,30 +54,39 @@ class Index(IndexReader):
 
     @classmethod
     def create(cls, directory: str | os.PathLike, model: ModelArg = "default", index_type: str = AUTO,
-               device: str | None = None, amp: bool | None = None) -> "Index":
+               device: str | None = None, amp: bool | None = None, local_features: str | None = None,
+               max_keypoints: int = MAX_KEYPOINTS, patch_features: bool = False) -> "Index":
         """Create an empty index folder for `model` (a model, a model file or a built-in name) and
-        open it for writing. `index_type`: ``auto`` or a faiss factory string."""
+        open it for writing. `index_type`: ``auto`` or a faiss factory string. `local_features`
+        (``sift`` or ``orb``, at most `max_keypoints` a photo) and `patch_features` keep the
+        evidence of geometric and patch re-ranking."""
         net = load_model(model, device)
         if index_type != AUTO:
             needs_training(IndexSpec.parse(index_type), net.dim)  # refuses a type faiss cannot build
         create_folder(Path(directory), net, index_type)
-        return cls.open(directory, net, writable=True, amp=amp)
+        index = cls.open(directory, net, writable=True, amp=amp)
+        index.keep_evidence(local_features, max_keypoints, patch_features)
+        return index
 
     @classmethod
     def open_or_create(cls, directory: str | os.PathLike, model: ModelArg = None, index_type: str | None = None,
-                       device: str | None = None, amp: bool | None = None) -> "Index":
+                       device: str | None = None, amp: bool | None = None, local_features: str | None = None,
+                       max_keypoints: int = MAX_KEYPOINTS, patch_features: bool = False) -> "Index":
         """Open `directory` for writing, creating it (with `model`, default the built-in one) when it
-        is not an index folder yet. A given `index_type` replaces the one requested before."""
+        is not an index folder yet. A given `index_type` replaces the one requested before; asked
+        evidence is kept from now on (`keep_evidence`)."""
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
-            return cls.create(directory, "default" if model is None else model, index_type or AUTO, device, amp)
+            return cls.create(directory, "default" if model is None else model, index_type or AUTO, device, amp,
+                              local_features, max_keypoints, patch_features)
         index = cls.open(directory, model, writable=True, device=device, amp=amp)
-        if index_type is not None and index_type != index.requested_type:
-            try:
+        try:
+            if index_type is not None and index_type != index.requested_type:
                 index._cache.request_type(index_type)  # applied and saved by `save`
-            except IndexStoreError:
-                index.close()
-                raise
+            index.keep_evidence(local_features, max_keypoints, patch_features)
+        except (IndexStoreError, ValueError):
+            index.close()
+            raise
         return index
 
     def _require_writable(self) -> None:
@@ -105,8 +116,34 @@ class Index(IndexReader):
         self._cache.save_if_changed()
 
     @_modifies
+    def keep_evidence(self, local_features: str | None = None, max_keypoints: int = MAX_KEYPOINTS,
+                      patch_features: bool = False) -> None:
+        """Keep local features (``sift``/``orb``) and/or patch descriptors of every photo from now
+        on; photos indexed before get theirs from `store_evidence` (`netvlad index` does it)."""
+        self.evidence.enable(local_features, max_keypoints, patch_features)
+
+    def _evidence_of_files(self, ids: Sequence[int]) -> dict[str, dict[int, bytes]]:
+        if not self.evidence.kinds():
+            return {}
+        files = {i: str(self.resolve(*self.catalog.files_of(int(i))[0])) for i in ids if self.catalog.files_of(int(i))}
+        return self.evidence.extract_files(self.model, list(files.items()), self.max_pixels, self.amp)
+
+    def store_evidence(self, ids: Sequence[int]) -> None:
+        """Compute and store the kept evidence of indexed images `ids` (those lacking it)."""
+        self._put_evidence(self._evidence_of_files(ids))
+
+    @_modifies
+    def _put_evidence(self, evidence: dict[str, dict[int, bytes]]) -> None:
+        self.evidence.put(evidence)
+
     def store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray) -> None:
-        """Durably record (n, dim) descriptors of pending images and add them to the faiss index."""
+        """Durably record (n, dim) descriptors of pending images and add them to the faiss index,
+        their kept evidence first (computed from their files before the writer lock is taken)."""
+        self._store_descriptors(ids, descriptors, self._evidence_of_files(ids))
+
+    @_modifies
+    def _store_descriptors(self, ids: Sequence[int], descriptors: np.ndarray, evidence: dict) -> None:
+        self.evidence.put(evidence)
         stored = np.asarray(descriptors, dtype=DTYPE)
         self.store.append(ids, stored)
         stored = stored.astype(np.float32)
@@ -118,6 +155,7 @@ class Index(IndexReader):
         returns the ids that left the index."""
         gone = self.catalog.delete_files(paths)
         self._cache.drop(gone)
+        self.evidence.delete(gone)
         return gone
 
     @contextmanager
@@ -146,11 +184,16 @@ class Index(IndexReader):
         metadata = [validate_metadata(meta) for meta in metadata]
         photos = prepare_photos(items, self.root, self.max_pixels, self.model.preprocess.reduce_to)
         fresh = describe_new(self.model, photos, self.catalog, self.amp)
-        return self._catalogue(photos, metadata, fresh)
+        pictures = {p.sha256: (p.image, (p.info.width, p.info.height)) for p in photos if p.sha256 in fresh}
+        extracted = self.evidence.extract(self.model, list(pictures.values()), self.amp)
+        return self._catalogue(photos, metadata, fresh, {kind: dict(zip(pictures, blobs)) for kind, blobs in extracted.items()})
 
     @_modifies
-    def _catalogue(self, photos: list[Photo], metadata: list[dict], fresh: dict) -> list[int]:
-        ids, new = catalogue(self.store, self.directory, photos, metadata, fresh)
+    def _catalogue(self, photos: list[Photo], metadata: list[dict], fresh: dict, evidence: dict) -> list[int]:
+        def store_evidence(new: dict[int, str]) -> None:
+            self.evidence.put({kind: {i: blobs[sha] for i, sha in new.items()} for kind, blobs in evidence.items()})
+
+        ids, new = catalogue(self.store, self.directory, photos, metadata, fresh, store_evidence)
         if new:
             self._cache.add(list(new), np.stack(list(new.values())))
         return ids
@@ -162,5 +205,6 @@ class Index(IndexReader):
         uploads = [path for i in ids for path, origin in self.catalog.files_of(int(i)) if origin == "upload"]
         removed = self.catalog.remove(ids)
         self._cache.drop(removed)
+        self.evidence.delete(removed)
         remove_files([self.directory / path for path in uploads])
         return removed

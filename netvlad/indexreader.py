@@ -3,7 +3,8 @@
 It holds the parts of an index folder, each in its own module: the folder, its manifest and
 writer lock (`netvlad.indexfolder`), the SQLite catalog (`netvlad.catalog`, the source of truth),
 the descriptor shards it points to (`netvlad.descriptorstore`), the faiss index kept in step with it (`netvlad.vectorcache`), ranking (`netvlad.search.rank`) and
-confined file access (`netvlad.photofile`). Within a process a readers-writer lock lets many
+confined file access (`netvlad.photofile`), and the re-ranking evidence it keeps
+(`netvlad.rerank.indexevidence`). Within a process a readers-writer lock lets many
 threads search while one adds or removes.
 """
 
@@ -18,12 +19,14 @@ import numpy as np
 
 from netvlad.records import ImageRecord
 from netvlad.descriptorstore import DESCRIPTORS, DescriptorStore
-from netvlad.imageio import DEFAULT_MAX_PIXELS
+from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.legacyblobs import migrate
 from netvlad.indexfolder import MODEL, UPLOADS, acquire_writer_lock, open_catalog, read_manifest
 from netvlad.model import NetVLADModel
 from netvlad.modelfile import load_model
 from netvlad.photofile import open_indexed_photo
+from netvlad.rerank.indexevidence import IndexEvidence
+from netvlad.rerank.shortlist import DEFAULT_RERANK_K, NEEDS_PICTURES, check_method, rerank_result
 from netvlad.rwlock import ReadWriteLock
 from netvlad.search import FUSION_ALPHA, SearchResult, rank
 from netvlad.storage import disk_full_errors
@@ -39,12 +42,13 @@ class IndexReader:
     `writable` (see `open`) is for the subclass `netvlad.index.Index`, which adds the writes.
     """
 
-    def __init__(self, directory: Path, model: NetVLADModel, cache: VectorCache, writable: bool, lock_handle,
-                 amp: bool | None):
+    def __init__(self, directory: Path, model: NetVLADModel, cache: VectorCache, evidence: IndexEvidence,
+                 writable: bool, lock_handle, amp: bool | None):
         self.directory = directory
         self.model = model
         self.catalog = cache.catalog
         self.store = cache.store
+        self.evidence = evidence
         self.writable = writable
         self.amp = amp
         self.max_pixels = DEFAULT_MAX_PIXELS
@@ -66,7 +70,7 @@ class IndexReader:
         directory = Path(directory)
         manifest = read_manifest(directory)
         lock_handle = acquire_writer_lock(directory) if writable else None
-        catalog = None
+        catalog = evidence = None
         try:
             net = load_model(directory / MODEL if model is None else model, device)
             catalog = open_catalog(directory, manifest, net, writable)
@@ -77,17 +81,22 @@ class IndexReader:
                     migrate(store)
                 cache = VectorCache(directory, store, manifest)
                 cache.load(save_when_stale=writable, mmap=mmap and not writable)
+                evidence = IndexEvidence.open(directory, writable)
+                if writable:
+                    evidence.prune(catalog.indexed_ids())
         except BaseException:
-            if catalog is not None:
-                catalog.close()
+            for part in (catalog, evidence):
+                if part is not None:
+                    part.close()
             if lock_handle is not None:
                 lock_handle.close()
             raise
-        return cls(directory, net, cache, writable, lock_handle, amp)
+        return cls(directory, net, cache, evidence, writable, lock_handle, amp)
 
     def close(self) -> None:
         """Release the catalog connections and the writer lock (does not save: see `save`)."""
         self.catalog.close()
+        self.evidence.close()
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None
@@ -123,6 +132,11 @@ class IndexReader:
         with self._lock.read():
             return len(self._cache.vectors)
 
+    def rerank_methods(self) -> list[str]:
+        """The re-rankings this index can serve (``none``, ``aqe``, and ``geometric`` / ``patch``
+        when it keeps their evidence)."""
+        return self.evidence.methods()
+
     def counts(self) -> dict[str, int]:
         """Number of catalogued images in each status."""
         return self.catalog.counts()
@@ -154,18 +168,30 @@ class IndexReader:
                  for path, origin in self.catalog.files_of(record.id)]
         return open_indexed_photo(record, files, {"folder": self.root, "upload": self.directory / UPLOADS})
 
-    def search(self, images: Sequence, k: int = 10, fusion: str = "softmedian", alpha: float = FUSION_ALPHA) -> SearchResult:
-        """Search with one or several photos (paths, bytes or PIL images) of the same place."""
+    def search(self, images: Sequence, k: int = 10, fusion: str = "softmedian", alpha: float = FUSION_ALPHA,
+               rerank: str = "none", rerank_k: int = DEFAULT_RERANK_K) -> SearchResult:
+        """Search with one or several photos (paths, bytes or PIL images) of the same place;
+        `rerank` re-orders the top `rerank_k` with local evidence (`rerank_methods`)."""
         if len(images) == 0:
             raise ValueError("search needs at least one query photo")
         queries = self.model.describe(list(images), amp=self.amp)
-        return self.search_descriptors(queries, k, fusion, alpha)
+        pictures = [load_image(image, self.max_pixels) for image in images] if rerank in NEEDS_PICTURES else None
+        return self.search_descriptors(queries, k, fusion, alpha, rerank, rerank_k, pictures)
 
     def search_descriptors(self, queries: np.ndarray, k: int = 10, fusion: str = "softmedian",
-                           alpha: float = FUSION_ALPHA) -> SearchResult:
-        """Search with (m, dim) query descriptors of one place (`netvlad.search.rank`)."""
+                           alpha: float = FUSION_ALPHA, rerank: str = "none", rerank_k: int = DEFAULT_RERANK_K,
+                           query_images: Sequence | None = None) -> SearchResult:
+        """Search with (m, dim) query descriptors of one place (`netvlad.search.rank`), then
+        re-rank the top max(k, `rerank_k`) by `rerank` (`netvlad.rerank.shortlist`), which for
+        ``geometric`` and ``patch`` needs the query photos as searched (`query_images`: PIL images
+        or (H, W, 3) uint8 arrays). `RerankUnavailableError` when the index lacks the evidence."""
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
             raise ValueError(f"query descriptors must have {self.dim} dims, got {q.shape[1]}")
+        check_method(rerank)
+        self.evidence.require(rerank)
         with self._lock.read():
-            return rank(self._cache.vectors, self.store, self.resolve, q, k, fusion, alpha)
+            if rerank == "none":
+                return rank(self._cache.vectors, self.store, self.resolve, q, k, fusion, alpha)
+            pool = rank(self._cache.vectors, self.store, self.resolve, q, max(k, rerank_k), fusion, alpha)
+            return rerank_result(pool, rerank, k, q, query_images, self.evidence, self.store, self.model)

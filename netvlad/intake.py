@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +92,16 @@ def describe_new(model, photos: Sequence[Photo], catalog: Catalog, amp: bool | N
 
 
 def catalogue(store: DescriptorStore, directory: Path, photos: Sequence[Photo], metadata: Sequence[dict],
-              fresh: dict[str, np.ndarray]) -> tuple[list[int], dict[int, np.ndarray]]:
+              fresh: dict[str, np.ndarray], before_commit: Callable[[dict[int, str]], None] | None = None
+              ) -> tuple[list[int], dict[int, np.ndarray]]:
     """Store the uploads of `photos` in index folder `directory`, then record the photos and the
     descriptors of those not indexed yet (`fresh`, by sha256, into a shard of `store`) in one
-    catalog transaction. Returns
+    catalog transaction; `before_commit({id: sha256})` runs inside it, before the descriptors are
+    stored, with the images about to become indexed (their evidence is stored there). Returns
     (ids, {id: descriptor} of the images that became indexed); on failure nothing stays behind."""
     catalog = store.catalog
     written = store_uploads(directory, photos)
-    ids, new = [], {}
+    ids, new, shas = [], {}, {}
     try:
         with catalog.transaction():
             for photo, meta in zip(photos, metadata):
@@ -109,6 +111,9 @@ def catalogue(store: DescriptorStore, directory: Path, photos: Sequence[Photo], 
                 ids.append(image_id)
                 if photo.sha256 in fresh and catalog.status(image_id) != "indexed":
                     new[image_id] = fresh[photo.sha256]
+                    shas[image_id] = photo.sha256
+            if new and before_commit is not None:
+                before_commit(shas)
             if new:
                 written.append(store.append(list(new), np.stack(list(new.values()))))
     except BaseException:
