@@ -313,3 +313,104 @@ def test_cli_reports_missing_image_with_file_and_line(cli, tiny, tiny_copy, tmp_
     result = CliRunner().invoke(cli, ["train", str(tiny_copy), "--model", str(tiny[1]), "--out", str(tmp_path / "r")])
     assert isinstance(result.exception, DatasetError)
     assert "queries.csv, line 3" in str(result.exception) and dataset.q_images[1] in str(result.exception)
+
+
+# ------------------------------------------------------------------ more objectives and RSW presets
+
+
+def _line_batch(seed: int) -> tuple[list[MinedTuple], torch.Tensor, list[torch.Tensor]]:
+    """Two mined tuples on `_line_dataset` and random unit descriptors (float64) for them."""
+    tuples = [MinedTuple(0, np.array([0, 1]), np.array([5, 3]), 2), MinedTuple(1, np.array([4]), np.array([0]), 1)]
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=1)  # noqa: E731
+    torch.manual_seed(seed)
+    return tuples, unit(2, 5), [unit(len(t.positives) + len(t.negatives), 5) for t in tuples]
+
+
+def test_soft_pair_objective_is_binary_cross_entropy_per_pair():
+    from training.objectives import build_objective
+
+    dataset = _line_dataset()
+    objective = build_objective(TrainConfig(loss="soft-pair", soft_sigma_m=10.0), dataset, dim=5, max_negatives=2).double()
+    tuples, query, cands = _line_batch(seed=0)
+    terms = []
+    for q, c, t in zip(query, cands, tuples):
+        ids = np.concatenate([t.positives, t.negatives])
+        s = geo_soft_labels(torch.as_tensor(np.hypot(*(dataset.db_utm[ids] - dataset.q_utm[t.query]).T)), 10.0)
+        logit = 1.0 - 1.0 * ((c - q) ** 2).sum(1)  # a = b = 1 at the start
+        terms.append(torch.nn.functional.binary_cross_entropy_with_logits(logit, s, reduction="none"))
+    assert objective(query, cands, tuples).item() == pytest.approx(torch.cat(terms).mean().item(), rel=1e-6)
+    assert objective.terms(tuples) == 6 and objective.max_positives == TrainConfig().soft_positives
+    groups = objective.param_groups([torch.nn.Parameter(torch.zeros(1))], 1e-4)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-2) and len(groups[1]["params"]) == 2
+
+
+def test_triplet_soft_objective_adds_the_two_losses():
+    from netvlad.losses import SoftLabelCrossEntropy, TripletRankingLoss
+    from training.objectives import build_objective
+
+    dataset = _line_dataset()
+    config = TrainConfig(loss="triplet-soft", margin=0.1, soft_sigma_m=10.0, soft_temperature=0.2)
+    objective = build_objective(config, dataset, dim=5, max_negatives=2)
+    tuples, query, cands = _line_batch(seed=1)
+    triplet = TripletRankingLoss(margin=0.1, max_negatives=2)
+    expected_triplet = torch.stack([
+        triplet(q[None], c[None, : len(t.positives)], c[None, len(t.positives) :]) for q, c, t in zip(query, cands, tuples)
+    ]).mean()
+    expected_soft = SoftObjective(dataset, 10.0, 0.2, 4)(query, cands, tuples)
+    assert isinstance(objective.soft.loss, SoftLabelCrossEntropy) and objective.soft.loss.form == "listwise"
+    got = objective(query, cands, tuples).item()
+    assert got == pytest.approx((expected_triplet + expected_soft).item(), rel=1e-6)
+
+
+def test_rsw_presets_set_the_published_warp():
+    from netvlad.configs import ConfigError
+    from netvlad.losses.rsw import RSW_PRESETS
+    from training.config import RSW_PRESET_NAMES, rsw_preset_fields
+
+    assert set(RSW_PRESET_NAMES) == {"default", "cub", "sop"}
+    assert rsw_preset_fields("cub") == {"rsw_alpha": 28.40, "rsw_k1": 0.93, "rsw_k2": 1.15, "rsw_temperature": 4.525,
+                                        "rsw_margin": 1.30}
+    assert rsw_preset_fields("sop")["rsw_margin"] == RSW_PRESETS["sop"]["margin"] == 1.348
+    with pytest.raises(ConfigError, match="unknown RSW preset"):
+        rsw_preset_fields("imagenet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cub"])
+def test_cli_rsw_preset_trains_with_the_published_configuration(cli, tiny, tmp_path, preset):
+    from netvlad.losses.rsw import RSW_PRESETS
+
+    dataset, model_file = tiny
+    out = tmp_path / "run"
+    base = ["train", str(dataset.root), "--out", str(out), "--no-progress", "--batch-size", "3", "--max-negatives", "2",
+            "--negatives", "30", "--amp", "--loss", "rsw", "--rsw-preset", preset]
+    result = CliRunner().invoke(cli, [*base, "--model", str(model_file), "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert {key: config[f"rsw_{key}"] for key in RSW_PRESETS[preset]} == RSW_PRESETS[preset]
+    other = "sop" if preset == "cub" else "cub"
+    changed = CliRunner().invoke(cli, [*base[:-1], other, "--resume", "--epochs", "2"])
+    assert changed.exit_code != 0 and "differs from the run state" in changed.output
+    same = CliRunner().invoke(cli, [*base, "--resume", "--epochs", "2", "--json"])
+    assert same.exit_code == 0, same.output
+
+
+def test_cli_rsw_preset_needs_the_rsw_loss(cli, tiny, tmp_path):
+    dataset, model_file = tiny
+    result = CliRunner().invoke(cli, ["train", str(dataset.root), "--out", str(tmp_path / "run"), "--model", str(model_file),
+                                      "--rsw-preset", "cub", "--no-progress"])
+    assert result.exit_code != 0 and "applies to --loss rsw" in result.output
+    bad = CliRunner().invoke(cli, ["train", str(dataset.root), "--out", str(tmp_path / "run"), "--model", str(model_file),
+                                   "--loss", "rsw", "--rsw-preset", "imagenet", "--no-progress"])
+    assert bad.exit_code == 2 and "imagenet" in bad.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["soft-pair", "triplet-soft"])
+def test_new_objectives_train(tiny, tmp_path, loss):
+    dataset, model_file = tiny
+    trainer = Trainer(load_model(model_file), dataset, tmp_path / "run", _fast(loss=loss, epochs=1, lr=1e-3), device="cpu",
+                      progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.step > 0 and not _state_equal(before, trainer.model.state_dict())

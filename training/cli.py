@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -25,12 +25,13 @@ import torch
 from netvlad.datasets.placeset import DATABASE_CSV, PlaceDataset, load_place_dataset
 from netvlad.devices import resolve_device, slow_bf16_warning
 from netvlad.modelfile import load_model
-from training.config import Loss, Optimizer, Schedule, TrainConfig
+from training.config import RSW_PRESET_NAMES, Loss, Optimizer, Schedule, TrainConfig, rsw_preset_fields
 from training.distributed import DistributedError, Layout, check_devices, launch, leave_group
 from training.loop import BEST_MODEL, FINAL_MODEL, Trainer
 from training.run_state import RUN_STATE, read_run_state
 
 _D = TrainConfig()
+RswPreset = Literal[RSW_PRESET_NAMES]  # typer offers a Literal's values as the choices
 CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
 # Config fields a resumed run may change; every other one given on the command line must match.
 RESUMABLE = ("epochs", "workers")
@@ -71,6 +72,11 @@ def train_command(
     random_negatives: Annotated[int, typer.Option("--random-negatives", "--negatives", min=0, help="Random negatives drawn per query (at most the database size).")] = _D.random_negatives,
     max_negatives: Annotated[int, typer.Option(min=1, help="Hard negatives kept per query (at most a tenth of the database).")] = _D.max_negatives,
     margin: Annotated[float, typer.Option(min=0.0, help="Triplet margin (squared descriptor distance).")] = _D.margin,
+    rsw_preset: Annotated[Optional[RswPreset], typer.Option(
+        show_default="none: α 0.5, k1 0.25, k2 2, T 16, margin 1, for unit-norm descriptors",
+        help="--loss rsw with a published warp configuration (α, k1, k2, T, margin): default (the authors' code: "
+             "8, 0.25, 2, 1, 1), cub (28.40, 0.93, 1.15, 4.525, 1.30), sop (13.025, 0.8563, 1.1181, 3.7442, 1.348). "
+             "Their α is for unnormalised embeddings: NetVLAD descriptors (unit norm, d ≤ 2) stay inside it.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of query order and negative sampling.")] = _D.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bfloat16 autocast (default: on for CUDA; ~2-3x faster on bf16 CPUs).")] = None,
@@ -101,6 +107,10 @@ def train_command(
         raise typer.BadParameter("a starting model is needed (make one with `netvlad init`)", param_hint="--model")
     else:
         config = TrainConfig(**{name: ctx.params[name] for name in CONFIG_FIELDS if name in ctx.params})
+    if rsw_preset is not None and not resume:
+        if loss != "rsw":
+            raise typer.BadParameter(f"a warp preset applies to --loss rsw, not {loss}", param_hint="--rsw-preset")
+        config = replace(config, **rsw_preset_fields(rsw_preset))
     train_path, val_path = split_folders(dataset)
     radii = {"pos_radius_m": pos_radius, "nontrivial_radius_m": train_radius}
     train_set = load_place_dataset(train_path, **radii)
@@ -208,6 +218,11 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def check_resume_options(ctx: typer.Context, out: Path) -> None:
     """Refuse config options that would change a resumed run (its settings live in its run state)."""
     saved = TrainConfig.from_dict(read_run_state(out)["train_config"])
+    if (preset := ctx.params.get("rsw_preset")) is not None:
+        kept = {name: getattr(saved, name) for name in rsw_preset_fields(preset)}
+        if kept != rsw_preset_fields(preset):
+            raise typer.BadParameter(f"{preset!r} differs from the run state's warp {kept}; a resumed run keeps its "
+                                     "settings (omit the option, or start a new --out)", param_hint="--rsw-preset")
     for name in CONFIG_FIELDS:
         if name in RESUMABLE or not _given(ctx, name):
             continue

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from netvlad.configs import ConfigError, config_from_dict
+from netvlad.losses.rsw import RSW_PRESETS
 
-Loss = Literal["triplet", "soft", "rsw"]
+Loss = Literal["triplet", "soft", "soft-pair", "triplet-soft", "rsw"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "step", "constant"]
 LOSSES: tuple[str, ...] = get_args(Loss)
@@ -80,3 +81,16 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         """The config stored in a run state; unknown keys raise `ConfigError`."""
         return config_from_dict(cls, data, "train config")
+
+
+#: Names `--rsw-preset` takes: the published RSW configurations (`netvlad.losses.rsw.RSW_PRESETS`).
+RSW_PRESET_NAMES: tuple[str, ...] = tuple(RSW_PRESETS)
+
+
+def rsw_preset_fields(name: str) -> dict[str, float]:
+    """The TrainConfig fields (`rsw_alpha`, `rsw_k1`, `rsw_k2`, `rsw_temperature`, `rsw_margin`) of
+    the RSW preset `name` ("default": the authors' code defaults; "cub", "sop": their published
+    image-retrieval configurations). Raises `ConfigError` for an unknown name."""
+    if name not in RSW_PRESETS:
+        raise ConfigError(f"unknown RSW preset {name!r}: one of {', '.join(RSW_PRESETS)}")
+    return {f"rsw_{key}": float(value) for key, value in RSW_PRESETS[name].items()}

@@ -1,4 +1,4 @@
-"""The three training objectives on mined tuples (docs/design.md §4).
+"""The training objectives on mined tuples (docs/design.md §4).
 
 Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their images (query
 (B, D); per tuple its positives then negatives, (P_b + M_b, D)) into a scalar loss:
@@ -6,6 +6,9 @@ Each objective turns a batch of `MinedTuple`s and the fresh descriptors of their
 - `triplet`: `TripletRankingLoss` with the best positive and the margin-violating negatives;
 - `soft`: listwise `SoftLabelCrossEntropy` over the query's positives and nearest negatives, soft
   labels `exp(−(dist_m/σ)²)` from the geographic distance between query and candidate;
+- `soft-pair`: the binary (pair) form of `SoftLabelCrossEntropy` on every (query, candidate) pair,
+  same candidates and soft labels, its match curve `c = σ(a − b·d²)` learned;
+- `triplet-soft`: the triplet loss (best of the query's positives) plus the listwise soft loss;
 - `rsw`: `RealignedSoftmaxWarpingLoss` with one proxy per place id, over every image of the batch.
 
 Each loss is a mean of independent terms (one per query, or per image for RSW: `terms(tuples)`),
@@ -63,18 +66,23 @@ class TripletObjective(nn.Module):
 
 
 class SoftObjective(nn.Module):
-    """Listwise soft-label cross entropy over a query's candidates, labels from geographic distance."""
+    """Soft-label cross entropy over a query's candidates (its positives, then nearest negatives),
+    labels `exp(−(dist_m/σ)²)` from geographic distance: listwise (`form="listwise"`, one term per
+    query) or per pair (`form="pair"`, one term per pair, learned a and b at 100× the rate)."""
 
     violating_only = False
-    terms = staticmethod(len)  # one term per query
+    terms = staticmethod(len)  # one term per query (listwise)
 
-    def __init__(self, dataset: PlaceDataset, sigma_m: float, temperature: float, max_positives: int):
+    def __init__(self, dataset: PlaceDataset, sigma_m: float, temperature: float, max_positives: int,
+                 form: str = "listwise"):
         super().__init__()
         self.max_positives = max_positives
         self.sigma_m = sigma_m
         self.register_buffer("db_utm", torch.as_tensor(dataset.db_utm), persistent=False)
         self.register_buffer("q_utm", torch.as_tensor(dataset.q_utm), persistent=False)
-        self.loss = SoftLabelCrossEntropy(form="listwise", temperature=temperature)
+        self.loss = SoftLabelCrossEntropy(form=form, temperature=temperature)
+        if form == "pair":
+            self.terms = lambda tuples: sum(len(t.positives) + len(t.negatives) for t in tuples)
 
     def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
         cands, mask = _padded(candidates, 0, None)
@@ -84,6 +92,32 @@ class SoftObjective(nn.Module):
             dist_m = (self.db_utm[ids] - self.q_utm[t.query]).norm(dim=1)
             labels[b, : len(ids)] = geo_soft_labels(dist_m, self.sigma_m)
         return self.loss(query, cands, labels.to(query), mask)
+
+    def param_groups(self, parameters, lr: float) -> list[dict]:
+        """The model's parameters at `lr`; the pair form's a and b at 100× (they start at 1)."""
+        own = list(self.loss.parameters())
+        return [{"params": list(parameters)}, *([{"params": own, "lr": 100 * lr, "weight_decay": 0.0}] if own else [])]
+
+
+class TripletSoftObjective(nn.Module):
+    """Triplet ranking loss (best of the query's positives, violating negatives) plus the listwise
+    soft-label loss on the same candidates; one term per query each."""
+
+    violating_only = False
+    terms = staticmethod(len)
+
+    def __init__(self, dataset: PlaceDataset, margin: float, max_negatives: int, sigma_m: float, temperature: float,
+                 max_positives: int):
+        super().__init__()
+        self.max_positives = max_positives
+        self.triplet = TripletRankingLoss(margin=margin, max_negatives=max_negatives)
+        self.soft = SoftObjective(dataset, sigma_m, temperature, max_positives)
+
+    def forward(self, query: Tensor, candidates: Sequence[Tensor], tuples: Sequence[MinedTuple]) -> Tensor:
+        splits = [(c[: len(t.positives)], c[len(t.positives) :]) for c, t in zip(candidates, tuples)]
+        positives, pos_mask = _padded([p for p, _ in splits], 0, None)
+        negatives, neg_mask = _padded([n for _, n in splits], 0, None)
+        return self.triplet(query, positives, negatives, pos_mask, neg_mask) + self.soft(query, candidates, tuples)
 
 
 class RSWObjective(nn.Module):
@@ -128,8 +162,11 @@ def build_objective(config: TrainConfig, train_set: PlaceDataset, dim: int, max_
     c = config
     if c.loss == "triplet":
         return TripletObjective(c.margin, max_negatives)
-    if c.loss == "soft":
-        return SoftObjective(train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
+    if c.loss in ("soft", "soft-pair"):
+        form = "pair" if c.loss == "soft-pair" else "listwise"
+        return SoftObjective(train_set, c.soft_sigma_m, c.soft_temperature, c.soft_positives, form)
+    if c.loss == "triplet-soft":
+        return TripletSoftObjective(train_set, c.margin, max_negatives, c.soft_sigma_m, c.soft_temperature, c.soft_positives)
     return RSWObjective(train_set, dim, c.rsw_alpha, c.rsw_k1, c.rsw_k2, c.rsw_temperature, c.rsw_margin)
 
 
