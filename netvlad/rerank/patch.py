@@ -1,0 +1,411 @@
+"""Patch-NetVLAD-style re-ranking (Hausler et al., CVPR 2021) from the model's own feature map
+(docs/design.md §8).
+
+- `patch_vlad`: NetVLAD vectors of every square patch of the feature map at a few sizes, all
+  patches of one size from integral (cumulative) sums of the assignment-weighted features
+  ``a_k(x)·x`` and of ``a_k(x)``: ``V_k(patch) = Σ a·x − c_k Σ a``, then intra-normalised and
+  L2-normalised like the NetVLAD layer. No loop over patches.
+- `PatchPCA` / `fit_patch_pca`: the PCA(-whitening) learned at index time that reduces K·D
+  dimensions to `dim`, saved as an .npz file.
+- `PatchFeatures`: one photo's reduced patch descriptors (float16) and centres (original-image
+  pixels) per size, with a compact versioned byte format (`to_bytes` / `from_bytes`).
+- `extract_patch_features`: photos → `PatchFeatures`, batched like `NetVLADModel.describe`.
+- `patch_score` / `patch_rerank`: mutual nearest neighbours per size, then "rapid spatial
+  scoring" (how consistent the displacement of the matched patches is), combined over sizes.
+
+Defaults, for the shipped ResNet18-layer3 model at long side 320 px (a 20×15 feature map, 16 px
+cells): patch sizes 2, 4, 6 cells (10 %, 20 %, 30 % of the long side: Patch-NetVLAD's 2, 5, 8 on
+its 40×30 map, with a 1-cell patch — a single local feature — replaced by 2 cells); 128 PCA
+dimensions, whitened; at most 64 patches of each size stored per database photo (an evenly
+spaced sub-grid). Stored: at most 3 × 64 × (128 × 2 + 8) bytes ≈ 51 KB a photo, about 44 KB for
+4:3 and 16:9 photos (their sub-grids keep 50–60 patches a size).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from netvlad.batching import Source, evaluating, group_by_shape, load_tensors
+from netvlad.devices import amp_dtype
+from netvlad.exif import ORIENTATION_TAG, TRANSPOSED_ORIENTATIONS, read_photo_info
+from netvlad.pooling import NetVLAD
+
+if TYPE_CHECKING:
+    from netvlad.model import NetVLADModel
+
+#: Patch sides in feature-map cells (see the module docstring).
+DEFAULT_SIZES = (2, 4, 6)
+#: PCA dimensions of a stored patch descriptor.
+DEFAULT_DIM = 128
+#: Patches of one size kept per database photo (queries keep all of them: `max_patches=None`).
+DEFAULT_MAX_PATCHES = 64
+#: Elements of the (b, K, D, H, W) integral tensor computed at once (256 MB in float32).
+INTEGRAL_BUDGET = 64 << 20
+
+_MAGIC = b"NVPF"
+_VERSION = 1
+_HEADER = struct.Struct("<4sBBHII")  # magic, version, levels, dim, width, height
+_LEVEL = struct.Struct("<HHHI")  # patch size, grid rows, grid columns, patches
+
+
+# ---------------------------------------------------------------------------------- patch vectors
+
+def _box_sums(integral: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """Sums over every size×size window (stride `stride`) from an integral tensor (…, H+1, W+1)
+    → (…, gh, gw)."""
+    s = size
+    box = integral[..., s:, s:] - integral[..., :-s, s:] - integral[..., s:, :-s] + integral[..., :-s, :-s]
+    return box[..., ::stride, ::stride]
+
+
+def patch_vlad_from_features(pool: NetVLAD, features: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES,
+                             stride: int = 1) -> list[torch.Tensor]:
+    """(B, D, H, W) unit-norm local features → per size s, (B, gh, gw, K·D) unit-norm NetVLAD
+    vectors of the s×s patches at `stride` cells (gh = (H − s) // stride + 1; 0 when s > H),
+    in the dtype of `features` (the layer's parameters are used in that dtype)."""
+    if stride < 1 or any(s < 1 for s in sizes):
+        raise ValueError(f"patch sizes and stride must be positive, got sizes {tuple(sizes)}, stride {stride}")
+    b, d, h, w = features.shape
+    k = pool.num_clusters
+    assignment = pool.soft_assignment(features).unflatten(2, (h, w))  # (B, K, H, W)
+    integral_w = features.new_zeros((b, k, d, h + 1, w + 1))
+    integral_w[..., 1:, 1:] = torch.einsum("bkhw,bdhw->bkdhw", assignment, features).cumsum(-2).cumsum(-1)
+    integral_a = features.new_zeros((b, k, h + 1, w + 1))
+    integral_a[..., 1:, 1:] = assignment.cumsum(-2).cumsum(-1)
+    centroids = pool.centroids.to(features)[None, :, :, None, None]
+    out = []
+    for s in sizes:
+        if s > h or s > w:
+            out.append(features.new_zeros((b, 0, 0, k * d)))
+            continue
+        vlad = _box_sums(integral_w, s, stride) - _box_sums(integral_a, s, stride)[:, :, None] * centroids
+        vlad = F.normalize(vlad, p=2, dim=2)  # intra-normalisation (B, K, D, gh, gw)
+        out.append(F.normalize(vlad.permute(0, 3, 4, 1, 2).flatten(3), p=2, dim=3))
+    return out
+
+
+def patch_vlad(model: NetVLADModel, images: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES, stride: int = 1,
+               amp: bool | None = None) -> list[torch.Tensor]:
+    """Preprocessed images (B, 3, H, W) → per size, (B, gh, gw, K·D) float32 patch NetVLAD vectors
+    (`patch_vlad_from_features` on the model's feature map; backbone under autocast with `amp`,
+    default on CUDA; pooling in float32). Run it under `torch.inference_mode()`."""
+    device = model.device
+    images = images.to(device)
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda" if amp is None else amp):
+        features = model.backbone(images)
+    return patch_vlad_from_features(model.pool, model.local_norm(features.float()), sizes, stride)
+
+
+# ---------------------------------------------------------------------------------- PCA
+
+@dataclass
+class PatchPCA:
+    """x (…, K·D) → L2-normalised ((x − mean) @ componentsᵀ) · scale, (…, dim) float32.
+    `scale` is 1/√variance when whitened, ones otherwise."""
+
+    mean: np.ndarray  # (K·D,) float32
+    components: np.ndarray  # (dim, K·D) float32, orthonormal rows
+    scale: np.ndarray  # (dim,) float32
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def input_dim(self) -> int:
+        return self.components.shape[1]
+
+    def transform(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, K·D) → (N, dim) float32, unit norm."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"patch PCA expects {self.input_dim}-dim patch vectors, got {x.shape[-1]}: "
+                             "it was learned for another model")
+        mean, components, scale = (torch.from_numpy(a).to(x.device) for a in (self.mean, self.components, self.scale))
+        return F.normalize((x - mean) @ components.T * scale, dim=-1).cpu().numpy()
+
+    def save(self, path: str | Path) -> None:
+        """Write an .npz file (`path` as given; callers make it atomic with `atomic_path`)."""
+        with open(path, "wb") as handle:
+            np.savez(handle, version=np.int64(_VERSION), mean=self.mean, components=self.components, scale=self.scale)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PatchPCA":
+        """Read a file written by `save`; `ValueError` when it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                version = int(data["version"])
+                pca = cls(data["mean"].astype(np.float32), data["components"].astype(np.float32),
+                          data["scale"].astype(np.float32))
+        except (KeyError, OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a patch PCA file ({exc})") from None
+        if version != _VERSION:
+            raise ValueError(f"{path}: patch PCA format version {version}, this netvlad reads {_VERSION}")
+        return pca
+
+
+def fit_patch_pca(descriptors: np.ndarray | torch.Tensor, dim: int = DEFAULT_DIM, whiten: bool = True,
+                  seed: int = 0) -> PatchPCA:
+    """Learn a `PatchPCA` from sampled patch vectors (N, K·D), N > dim (e.g. `training_patches`),
+    by randomised SVD (deterministic for a `seed`)."""
+    x = torch.as_tensor(descriptors, dtype=torch.float32)
+    if x.ndim != 2 or x.shape[0] <= dim or x.shape[1] < dim:
+        raise ValueError(f"patch PCA to {dim} dims needs (N, D) patch vectors with N > {dim} and D ≥ {dim}, "
+                         f"got {tuple(x.shape)}")
+    mean = x.mean(dim=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, singular, v = torch.svd_lowrank(x - mean, q=min(dim + 16, *x.shape), niter=4)
+    variances = singular[:dim] ** 2 / (x.shape[0] - 1)
+    scale = (variances + 1e-6 * variances[0]).rsqrt() if whiten else torch.ones(dim)
+    return PatchPCA(mean.numpy(), v[:, :dim].T.contiguous().numpy(), scale.float().numpy())
+
+
+# ---------------------------------------------------------------------------------- features
+
+@dataclass
+class PatchLevel:
+    """The patches of one size of one photo: `descriptors` (P, dim) float16 unit norm, `centres`
+    (P, 2) float32 (x, y) in original-image pixels, P = rows × columns of the kept sub-grid."""
+
+    size: int
+    grid: tuple[int, int]
+    descriptors: np.ndarray
+    centres: np.ndarray
+
+
+@dataclass
+class PatchFeatures:
+    """One photo's patch evidence: `image_size` (width, height) in original pixels, one `PatchLevel`
+    per patch size."""
+
+    image_size: tuple[int, int]
+    levels: list[PatchLevel]
+
+    @property
+    def dim(self) -> int:
+        return self.levels[0].descriptors.shape[1] if self.levels else 0
+
+    def to_bytes(self) -> bytes:
+        """Compact little-endian bytes: a header, one record per level, then float16 descriptors
+        and float32 centres of each level (≈ 2·dim + 8 bytes a patch)."""
+        parts = [_HEADER.pack(_MAGIC, _VERSION, len(self.levels), self.dim, *self.image_size)]
+        parts += [_LEVEL.pack(lv.size, *lv.grid, len(lv.descriptors)) for lv in self.levels]
+        for lv in self.levels:
+            parts += [np.ascontiguousarray(lv.descriptors, "<f2").tobytes(),
+                      np.ascontiguousarray(lv.centres, "<f4").tobytes()]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PatchFeatures":
+        """Inverse of `to_bytes`; `ValueError` on anything else."""
+        view = memoryview(data)
+        try:
+            magic, version, count, dim, width, height = _HEADER.unpack_from(view)
+            if magic != _MAGIC or version != _VERSION:
+                raise ValueError(f"magic {bytes(magic)!r} version {version}")
+            heads = [_LEVEL.unpack_from(view, _HEADER.size + i * _LEVEL.size) for i in range(count)]
+            offset = _HEADER.size + count * _LEVEL.size
+            levels = []
+            for size, rows, cols, n in heads:
+                if n != rows * cols:
+                    raise ValueError(f"{n} patches in a {rows}×{cols} grid")
+                desc = np.frombuffer(view, "<f2", n * dim, offset).reshape(n, dim)
+                offset += desc.nbytes
+                centres = np.frombuffer(view, "<f4", n * 2, offset).reshape(n, 2)
+                offset += centres.nbytes
+                levels.append(PatchLevel(size, (rows, cols), desc, centres))
+            if offset != len(view):
+                raise ValueError(f"{len(view) - offset} trailing bytes")
+        except (struct.error, ValueError) as exc:
+            raise ValueError(f"not patch features of format version {_VERSION} ({exc})") from None
+        return cls((width, height), levels)
+
+
+def _displayed_size(source: Source) -> tuple[int, int] | None:
+    """(width, height) of a photo as displayed (EXIF orientation applied); None when unknown."""
+    if isinstance(source, torch.Tensor):
+        return source.shape[-1], source.shape[-2]
+    if isinstance(source, Image.Image):
+        swap = source.getexif().get(ORIENTATION_TAG) in TRANSPOSED_ORIENTATIONS
+        return (source.height, source.width) if swap else source.size
+    if isinstance(source, (str, bytes, bytearray)) or hasattr(source, "__fspath__"):
+        info = read_photo_info(source)
+        return (info.width, info.height) if info.width and info.height else None
+    return None
+
+
+def _sub_grid(rows: int, cols: int, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Evenly spaced row and column indices of a rows×cols grid keeping at most `cap` cells."""
+    if cap is None or rows * cols <= cap:
+        return np.arange(rows), np.arange(cols)
+    f = math.sqrt(cap / (rows * cols))
+    keep_r, keep_c = max(1, int(rows * f)), max(1, int(cols * f))
+    return (np.round(np.linspace(0, rows - 1, keep_r)).astype(int),
+            np.round(np.linspace(0, cols - 1, keep_c)).astype(int))
+
+
+def _raw_levels(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[int], max_patches: int | None,
+                batch_size: int, amp: bool | None) -> Iterator[tuple[int, tuple[int, int], list[tuple]]]:
+    """Per photo, batch after batch (grouped by shape, so not in input order): (its position,
+    displayed size, [(patch size, kept grid, raw (P, K·D) float32 tensor, centres (P, 2))]).
+    The raw vectors are views of the batch's: consume them before asking for the next batch."""
+    tensors = load_tensors(list(images), model.preprocess)
+    k, d = model.pool.num_clusters, model.pool.dim
+    with evaluating(model), torch.inference_mode():
+        for group in group_by_shape(tensors):
+            cells = max(1, tensors[group[0]][0].numel() // 256)  # feature-map cells at a 16-px stride
+            step = max(1, min(batch_size, INTEGRAL_BUDGET // (k * d * cells)))
+            for start in range(0, len(group), step):
+                chunk = group[start : start + step]
+                batch = torch.stack([tensors[i] for i in chunk])
+                per_size = patch_vlad(model, batch, sizes, amp=amp)
+                for j, i in enumerate(chunk):
+                    width, height = _displayed_size(images[i]) or (batch.shape[-1], batch.shape[-2])
+                    levels = []
+                    for s, grid in zip(sizes, per_size):
+                        feat_h, feat_w = grid.shape[1] + s - 1, grid.shape[2] + s - 1
+                        rows, cols = _sub_grid(grid.shape[1], grid.shape[2], max_patches)
+                        raw = grid[j][rows][:, cols].reshape(-1, k * d)
+                        ys, xs = np.meshgrid(rows + s / 2, cols + s / 2, indexing="ij")
+                        centres = np.stack([xs.ravel() * width / feat_w, ys.ravel() * height / feat_h], axis=1)
+                        levels.append((s, (len(rows), len(cols)), raw, centres.astype(np.float32)))
+                    yield i, (width, height), levels
+
+
+def extract_patch_features(model: NetVLADModel, images: Sequence[Source], pca: PatchPCA,
+                           sizes: Sequence[int] = DEFAULT_SIZES, max_patches: int | None = DEFAULT_MAX_PATCHES,
+                           batch_size: int = 8, amp: bool | None = None) -> list[PatchFeatures]:
+    """`PatchFeatures` of photos (paths, bytes, PIL images) or preprocessed (3, H, W) tensors, in
+    input order: preprocessed as the model's `preprocess` says, photos of one shape batched
+    `batch_size` at a time (fewer when the integral tensor would pass `INTEGRAL_BUDGET`), at most
+    `max_patches` of each size kept (None: all, for queries). Centres are in the photo's displayed
+    pixels (in the network input's for file objects, whose size is not read). Raises `ImageError`."""
+    if pca.input_dim != model.pool.output_dim:
+        raise ValueError(f"patch PCA expects {pca.input_dim}-dim patch vectors, this model gives "
+                         f"{model.pool.output_dim}: it was learned for another model")
+    features: list = [None] * len(images)
+    for i, image_size, raw_levels in _raw_levels(model, images, sizes, max_patches, batch_size, amp):
+        levels = [PatchLevel(s, grid, pca.transform(raw).astype(np.float16), centres)
+                  for s, grid, raw, centres in raw_levels]
+        features[i] = PatchFeatures(image_size, levels)
+    return features
+
+
+def training_patches(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[int] = DEFAULT_SIZES,
+                     per_image: int = 64, seed: int = 0, batch_size: int = 8) -> np.ndarray:
+    """Raw patch vectors (N, K·D) float32 for `fit_patch_pca`: up to `per_image` patches of each
+    photo, drawn at random (seeded) from all its sizes."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, _, raw_levels in _raw_levels(model, images, sizes, None, batch_size, None):
+        raw = torch.cat([level[2] for level in raw_levels]).numpy()
+        parts.append(raw[np.sort(rng.choice(len(raw), min(per_image, len(raw)), replace=False))])
+    return np.concatenate(parts) if parts else np.zeros((0, model.pool.output_dim), np.float32)
+
+
+# ---------------------------------------------------------------------------------- matching
+
+class PatchMatch(NamedTuple):
+    """How well a candidate's patches match the query's: `score` in [0, 1] (1: every possible
+    mutual match, all with one displacement), `points` (m, 4) float32 matched patch centres
+    (x_q, y_q, x_c, y_c) in original-image pixels, all sizes together."""
+
+    score: float
+    points: np.ndarray
+
+
+class PatchRanking(NamedTuple):
+    """Candidate ids in their new order and, aligned with them, their `PatchMatch` (None: no
+    patch features)."""
+
+    ids: list[int]
+    matches: list[PatchMatch | None]
+
+
+def mutual_nearest(query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Mutual nearest neighbours by inner product between query rows (Pq, d) and the rows (Pc, d) of
+    each candidate → per candidate, (query rows, candidate rows) of its m mutual pairs. One matrix
+    product for all candidates (Pq × ΣPc similarities), then an argmax per candidate."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if len(query) == 0 or not candidates:
+        return [empty] * len(candidates)
+    bounds = np.cumsum([0] + [len(c) for c in candidates])
+    sims = np.dot(np.asarray(query, np.float32), np.concatenate(candidates).astype(np.float32).T)
+    backward = sims.argmax(axis=0)  # best query row of each candidate row
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start == end:
+            out.append(empty)
+            continue
+        forward = sims[:, start:end].argmax(axis=1)
+        rows = np.flatnonzero(backward[start:end][forward] == np.arange(len(query)))
+        out.append((rows, forward[rows]))
+    return out
+
+
+def spatial_score(query_xy: np.ndarray, candidate_xy: np.ndarray, possible: int) -> float:
+    """Rapid spatial scoring of m matched patch centres (m, 2) each, in units of the image's
+    width and height: Σ_i Σ_axis max(0, 1 − |δ_i − mean δ|)² / (2 · `possible`), δ = displacement
+    query → candidate. 1 when all `possible` patches match with one displacement; scattered
+    displacements and few matches score less (after Hausler et al.'s s_RSS)."""
+    if possible == 0 or len(query_xy) == 0:
+        return 0.0
+    shift = query_xy - candidate_xy
+    spread = np.abs(shift - shift.mean(axis=0))
+    return float(np.square(np.clip(1.0 - spread, 0.0, None)).sum() / (2 * possible))
+
+
+def _score_many(query: PatchFeatures, candidates: Sequence[PatchFeatures], weights: Mapping[int, float] | None
+                ) -> list[PatchMatch]:
+    """`patch_score` of each candidate, one `mutual_nearest` matrix product per patch size."""
+    for c in candidates:
+        if query.levels and c.levels and query.dim != c.dim:
+            raise ValueError(f"patch features of {query.dim} and {c.dim} dims cannot be compared "
+                             "(extracted with different PCAs)")
+    q_scale = np.asarray(query.image_size, np.float32)
+    totals, weight_sums = np.zeros(len(candidates)), np.zeros(len(candidates))
+    points: list[list[np.ndarray]] = [[] for _ in candidates]
+    for q in query.levels:
+        weight = 1.0 if weights is None else weights.get(q.size, 0.0)
+        having = [(j, level) for j, c in enumerate(candidates) for level in c.levels if level.size == q.size]
+        pairs = mutual_nearest(q.descriptors, [level.descriptors for _, level in having])
+        for (j, c), (qi, ci) in zip(having, pairs):
+            c_scale = np.asarray(candidates[j].image_size, np.float32)
+            totals[j] += weight * spatial_score(q.centres[qi] / q_scale, c.centres[ci] / c_scale,
+                                                min(len(q.descriptors), len(c.descriptors)))
+            weight_sums[j] += weight
+            points[j].append(np.concatenate([q.centres[qi], c.centres[ci]], axis=1))
+    return [PatchMatch(float(t / w) if w else 0.0,
+                       np.concatenate(p).astype(np.float32) if p else np.zeros((0, 4), np.float32))
+            for t, w, p in zip(totals, weight_sums, points)]
+
+
+def patch_score(query: PatchFeatures, candidate: PatchFeatures, weights: Mapping[int, float] | None = None
+                ) -> PatchMatch:
+    """`PatchMatch` of a candidate against the query: per patch size both have, mutual nearest
+    neighbours then `spatial_score` (out of min(Pq, Pc) possible matches); the sizes' scores
+    averaged with `weights` (by patch size; default equal)."""
+    return _score_many(query, [candidate], weights)[0]
+
+
+def patch_rerank(query: PatchFeatures, candidates: Sequence[tuple[int, PatchFeatures | None]],
+                 weights: Mapping[int, float] | None = None) -> PatchRanking:
+    """Re-order candidates (id, features or None), given in their global order: those with
+    features by `patch_score`, highest first (ties keep the global order), then those without
+    features, in their global order. One matrix product per patch size for all candidates."""
+    having = [(i, feats) for i, feats in candidates if feats is not None]
+    matches = _score_many(query, [feats for _, feats in having], weights)
+    order = sorted(range(len(having)), key=lambda j: -matches[j].score)  # stable: ties keep the global order
+    missing = [i for i, feats in candidates if feats is None]
+    return PatchRanking([having[j][0] for j in order] + missing, [matches[j] for j in order] + [None] * len(missing))

@@ -1,0 +1,178 @@
+"""Patch-NetVLAD-style re-ranking: integral-sum patch vectors against per-patch pooling, PCA and
+byte round trips, and patch matching on real photos and synthetic layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import netvlad
+from netvlad.imageio import load_image
+from netvlad.rerank.patch import (
+    DEFAULT_MAX_PATCHES, PatchFeatures, PatchLevel, PatchPCA, extract_patch_features, fit_patch_pca, patch_rerank, patch_score,
+    patch_vlad_from_features, spatial_score, training_patches,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return netvlad.load_model("default")
+
+
+DIM = 96
+
+
+@pytest.fixture(scope="module")
+def photos(real_photos, tmp_path_factory):
+    """Six real photos, shrunk to a 480-px long side (fast to decode)."""
+    folder = tmp_path_factory.mktemp("patch-photos")
+    for path in real_photos[:6]:
+        image = load_image(path, reduce_to=480)
+        image.thumbnail((480, 480))
+        image.save(folder / path.name, quality=95)
+    return [folder / path.name for path in real_photos[:6]]
+
+
+@pytest.fixture(scope="module")
+def pca(model, photos):
+    return fit_patch_pca(training_patches(model, photos, per_image=64), dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def database(model, pca, photos):
+    """The photos' stored patch features (at most `DEFAULT_MAX_PATCHES` of each size)."""
+    return extract_patch_features(model, photos, pca)
+
+
+def test_integral_patches_equal_pooling_each_crop(model):
+    pool = model.pool.double()
+    try:
+        torch.manual_seed(0)
+        features = torch.nn.functional.normalize(torch.randn(2, pool.dim, 7, 9, dtype=torch.float64), dim=1)
+        sizes, stride = (2, 3, 5), 2
+        fast = patch_vlad_from_features(pool, features, sizes, stride)
+        for s, grid in zip(sizes, fast):
+            gh, gw = (7 - s) // stride + 1, (9 - s) // stride + 1
+            assert grid.shape == (2, gh, gw, pool.output_dim)
+            slow = torch.stack([torch.stack([
+                pool(features[:, :, i * stride : i * stride + s, j * stride : j * stride + s])
+                for j in range(gw)], dim=1) for i in range(gh)], dim=1)
+            torch.testing.assert_close(grid, slow, atol=1e-9, rtol=1e-7)
+        assert patch_vlad_from_features(pool, features, (8,))[0].shape == (2, 0, 0, pool.output_dim)
+    finally:
+        model.pool.float()
+
+
+def test_patch_counts_per_size_and_centres(model, pca, photos, database):
+    dense, capped = extract_patch_features(model, photos[:1], pca, max_patches=None)[0], database[0]
+    with Image.open(photos[0]) as image:
+        width, height = image.size
+    assert dense.image_size == (width, height)
+    # 320-px long side → a 20×h feature map: (20 − s + 1) columns of patches of side s
+    assert [level.grid[1] for level in dense.levels] == [19, 17, 15]
+    for full, kept in zip(dense.levels, capped.levels):
+        assert len(full.descriptors) == full.grid[0] * full.grid[1]
+        assert len(kept.descriptors) == kept.grid[0] * kept.grid[1] <= DEFAULT_MAX_PATCHES < len(full.descriptors)
+        assert kept.descriptors.dtype == np.float16 and kept.descriptors.shape[1] == DIM
+        np.testing.assert_allclose(np.linalg.norm(kept.descriptors.astype(np.float32), axis=1), 1, atol=2e-3)
+        # centres span the photo in original pixels, patch centres half a patch in from the edges
+        cell = width / (full.grid[1] + full.size - 1)
+        assert full.centres[:, 0].min() == pytest.approx(full.size / 2 * cell, rel=1e-4)
+        assert full.centres[:, 0].max() == pytest.approx(width - full.size / 2 * cell, rel=1e-4)
+        assert set(map(tuple, kept.centres)) <= set(map(tuple, full.centres))
+
+
+def test_pca_round_trip(tmp_path, pca):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, pca.input_dim)).astype(np.float32)
+    path = tmp_path / "patch-pca.npz"
+    pca.save(path)
+    loaded = PatchPCA.load(path)
+    np.testing.assert_array_equal(loaded.transform(x), pca.transform(x))
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(DIM), atol=1e-4)
+    (tmp_path / "bad.npz").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a patch PCA file"):
+        PatchPCA.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="another model"):
+        pca.transform(x[:, :100])
+
+
+def test_pca_whitening_gives_unit_variance_components():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 40)) * np.r_[np.geomspace(40, 5, 8), np.ones(32)]
+    pca = fit_patch_pca(x, dim=8)
+    projected = (x - pca.mean) @ pca.components.T * pca.scale
+    np.testing.assert_allclose(projected.var(axis=0, ddof=1), 1, rtol=1e-3)
+    np.testing.assert_allclose(np.abs(pca.components[:, :8]), np.eye(8), atol=0.05)
+
+
+def test_bytes_round_trip(database):
+    feats = database[0]
+    data = feats.to_bytes()
+    patches = sum(len(level.descriptors) for level in feats.levels)
+    assert len(data) == 16 + 10 * len(feats.levels) + patches * (2 * DIM + 8)
+    back = PatchFeatures.from_bytes(data)
+    assert back.image_size == feats.image_size
+    for a, b in zip(feats.levels, back.levels):
+        assert (a.size, a.grid) == (b.size, b.grid)
+        np.testing.assert_array_equal(a.descriptors, b.descriptors)
+        np.testing.assert_array_equal(a.centres, b.centres)
+    for bad in (data[:-1], b"XXXX" + data[4:], data + b"\0"):
+        with pytest.raises(ValueError, match="not patch features"):
+            PatchFeatures.from_bytes(bad)
+
+
+def test_warped_view_scores_above_other_photos(model, pca, photos, database):
+    views = []
+    for path in photos[:3]:
+        with Image.open(path) as image:
+            w, h = image.convert("RGB").size
+            views.append(image.convert("RGB").crop((int(0.1 * w), int(0.05 * h), int(0.95 * w), int(0.9 * h))).rotate(3))
+    queries = extract_patch_features(model, views, pca, max_patches=None)
+    for i, query in enumerate(queries):
+        scores = np.array([patch_score(query, candidate).score for candidate in database])
+        others = np.delete(scores, i)
+        assert scores[i] > others.max() + 0.02, scores
+        match = patch_score(query, database[i])
+        assert match.points.shape[1] == 4 and len(match.points) > 20
+        # the crop starts at 10 % / 5 %: a matched query point lies about that much left/up of its partner
+        shift = np.median(match.points[:, 2:] - match.points[:, :2] * [0.85, 0.85], axis=0)
+        assert 0 < shift[0] < 0.25 * database[i].image_size[0]
+
+
+def _layout(rng, n, shift, scramble):
+    """Query and candidate levels of n patches whose descriptors match one to one; the candidate's
+    centres are the query's moved by `shift` (or scrambled)."""
+    desc = rng.standard_normal((n, 32)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    xy = rng.uniform(0, 100, (n, 2)).astype(np.float32)
+    moved = rng.uniform(0, 100, (n, 2)).astype(np.float32) if scramble else xy + shift
+    query = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc.astype(np.float16), xy)])
+    candidate = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc[::-1].astype(np.float16), moved[::-1].copy())])
+    return query, candidate
+
+
+def test_spatial_scoring_rewards_a_consistent_shift():
+    rng = np.random.default_rng(0)
+    query, shifted = _layout(rng, 50, np.float32([12, -7]), scramble=False)
+    _, scrambled = _layout(np.random.default_rng(0), 50, 0, scramble=True)
+    consistent, random = patch_score(query, shifted), patch_score(query, scrambled)
+    assert consistent.score == pytest.approx(1.0)
+    assert len(consistent.points) == len(random.points) == 50
+    np.testing.assert_allclose(consistent.points[:, 2:] - consistent.points[:, :2], [[12, -7]] * 50, atol=1e-4)
+    assert random.score < 0.6
+    # by hand: displacements ±0.1 about their mean on x only → (1 − 0.1)² + 1 per match, /2
+    assert spatial_score(np.zeros((2, 2)), np.array([[0.1, 0.0], [-0.1, 0.0]]), 2) == pytest.approx((0.81 + 1) / 2)
+    assert spatial_score(np.zeros((2, 2)), np.array([[0.1, 0.0], [-0.1, 0.0]]), 4) == pytest.approx((0.81 + 1) / 4)
+
+
+def test_rerank_orders_by_score_and_keeps_unscored_after():
+    rng = np.random.default_rng(3)
+    query, good = _layout(rng, 40, np.float32([5, 5]), scramble=False)
+    _, bad = _layout(np.random.default_rng(3), 40, 0, scramble=True)
+    ranking = patch_rerank(query, [(7, None), (1, bad), (2, good), (9, None)])
+    assert ranking.ids == [2, 1, 7, 9]
+    assert ranking.matches[0].score == pytest.approx(1.0) and ranking.matches[2:] == [None, None]
+    assert ranking.matches[1].score == pytest.approx(patch_score(query, bad).score)
