@@ -21,7 +21,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import netvlad
-from netvlad.errors import DiskFullError, ImageError, IndexStoreError, MetadataError, PhotoFileError
+from netvlad.errors import (DiskFullError, ImageError, IndexStoreError, MetadataError, PhotoFileError,
+                            RerankUnavailableError)
 from netvlad.index import Index
 from service.batcher import MicroBatcher
 from service.deps import ServiceState
@@ -87,11 +88,23 @@ def close_state(state: ServiceState) -> None:
         state.index.close()
 
 
+def without_index_path(request: Request, message: str) -> str:
+    """`message` with the index folder's server path (as configured, and resolved) written INDEX."""
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        return message
+    folders = {str(state.settings.index_dir), str(Path(state.settings.index_dir).resolve()), str(state.index.directory)}
+    for folder in sorted((f for f in folders if f not in ("", ".")), key=len, reverse=True):
+        message = message.replace(folder, "INDEX")
+    return message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Library errors as JSON `{"detail": ...}` like FastAPI's own, in one place: a photo that does
     not decode or metadata that is invalid is the client's (413/415/422 by kind), a photo file that
-    cannot be served a 404 with the reason, an index that
-    cannot be changed or read is the service's (503), a full disk too (507)."""
+    cannot be served a 404 with the reason, a re-ranking the index holds no evidence for a 409
+    (how to add it, with the index folder named INDEX), an index that cannot be changed or read is
+    the service's (503), a full disk too (507)."""
 
     def error(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
@@ -107,6 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PhotoFileError)
     async def photo_file_error(request: Request, exc: PhotoFileError) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(RerankUnavailableError)
+    async def rerank_unavailable(request: Request, exc: RerankUnavailableError) -> JSONResponse:
+        return error(409, without_index_path(request, str(exc)))
 
     @app.exception_handler(IndexStoreError)
     async def index_error(request: Request, exc: IndexStoreError) -> JSONResponse:

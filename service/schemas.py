@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from netvlad.rerank.shortlist import RERANK_METHODS
 from netvlad.search import FUSIONS
 
 #: How the similarities of several query photos to one collection photo become its score:
 #: ``softmedian`` (robust to a bad query photo, see docs/design.md), ``mean`` or ``max``.
 Fusion = Enum("Fusion", {name: name for name in FUSIONS}, type=str)
 DEFAULT_FUSION = Fusion(FUSIONS[0])
+#: How the top of the global ranking is re-ordered with local evidence: ``none``, ``geometric``
+#: (local features and RANSAC), ``patch`` (Patch-NetVLAD-style patch matching) or ``aqe`` (α-weighted
+#: query expansion); which ones an index serves, `/v1/info` says (`rerank_methods`).
+RerankMethod = Literal[RERANK_METHODS]
 
 
 class ErrorOut(BaseModel):
@@ -40,6 +46,23 @@ class ImageOut(BaseModel):
     file_url: str = Field(description="Where to download the photo.")
 
 
+class RerankOut(BaseModel):
+    """The local evidence behind a re-ranked result."""
+
+    method: RerankMethod
+    score: float = Field(description="Inliers for `geometric`, spatial score for `patch`, expanded "
+                         "similarity for `aqe`.")
+    verified: bool = Field(description="Whether the evidence passed the method's threshold (verified results "
+                           "come first, in score order; the others keep their global order after them).")
+    query: int = Field(0, ge=0, description="The query photo it was matched with (0-based, upload order).")
+    model: str | None = Field(None, description="The geometric model that won (e.g. homography, fundamental).")
+    query_size: tuple[int, int] | None = Field(None, description="Width and height of that query photo as "
+                                               "searched: the pixels `points` give for it.")
+    points: list[tuple[float, float, float, float]] = Field(
+        default_factory=list, description="Matched points [x_q, y_q, x_c, y_c]: pixels of the query photo as "
+        "searched (`query_size`) and of this result's photo file at full size (`width` × `height`).")
+
+
 class SearchResult(BaseModel):
     """One collection photo in a result list, best first."""
 
@@ -54,6 +77,10 @@ class SearchResult(BaseModel):
     taken_at: str | None = None
     metadata: dict = Field(default_factory=dict)
     file_url: str
+    width: int | None = Field(None, description="Pixels of its file, EXIF orientation applied (the scale of "
+                              "`rerank.points`).")
+    height: int | None = None
+    rerank: RerankOut | None = Field(None, description="Its re-ranking evidence (absent without re-ranking).")
 
 
 class LocationEstimate(BaseModel):
@@ -71,6 +98,8 @@ class SearchOut(BaseModel):
     location: LocationEstimate | None = Field(None, description="Absent when no result has coordinates.")
     queries: int = Field(description="Number of query photos.")
     fusion: Fusion
+    rerank: RerankMethod = Field("none", description="The re-ranking applied.")
+    rerank_ms: float = Field(0.0, description="Server time of the re-ranking, milliseconds (part of took_ms).")
     took_ms: float = Field(description="Server time for this search, milliseconds.")
 
 
@@ -104,3 +133,8 @@ class Info(BaseModel):
     max_pixels: int
     max_query_images: int
     max_top_k: int
+    rerank_methods: list[RerankMethod] = Field(description="Re-rankings this index can serve: always `none` and "
+                                               "`aqe`; `geometric` when it holds local features, `patch` when "
+                                               "it holds patch features.")
+    default_rerank_k: int = Field(description="How many of the top results are re-ranked unless `rerank_k` says.")
+    max_rerank_k: int = Field(description="Largest `rerank_k` a search may ask for.")

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
                                      "and a photo that alone needs more is refused with 413.")
     max_query_images: int = Field(16, gt=0, description="Most photos in one search request.")
     max_top_k: int = Field(100, gt=0, description="Largest `top_k` a search may ask for.")
+    max_rerank_k: int = Field(200, gt=0, description="Largest `rerank_k` (candidates re-ranked with local "
+                              "evidence) a search may ask for: it bounds the re-ranking time of one search.")
     device: str | None = Field(None, description="torch device for the model (cpu, cuda, cuda:1, …; "
                                "default: cuda when available).")
     micro_batching: bool | None = Field(None, description="Let concurrent searches share forward passes "

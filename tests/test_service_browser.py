@@ -137,3 +137,59 @@ def test_add_a_photo_with_the_key(page, real_photos):
     page.wait_for_selector("#add-message.ok")
     assert re.match(r"Added as image \d+\.", page.inner_text("#add-message"))
     page.wait_for_selector(f"#status:has-text('{INDEXED + 1} photos indexed')")
+
+
+# ------------------------------------------------------------------------------ re-ranking
+
+
+def test_rerank_choices_are_the_ones_the_index_serves(page):
+    options = page.locator("#rerank option")
+    assert options.evaluate_all("options => options.map(o => o.value)") == ["none", "aqe"]
+    assert page.input_value("#rerank") == "none"
+
+
+@pytest.fixture(scope="module")
+def sift_server(tmp_path_factory, real_photos):
+    from test_service_rerank import local_features_index
+
+    index_dir = local_features_index(tmp_path_factory, real_photos, "browser-sift")
+    env = {"NETVLAD_INDEX_DIR": index_dir, "NETVLAD_DEVICE": "cpu"}
+    process = ServiceProcess(env, log=tmp_path_factory.mktemp("browser-sift-log") / "server.log").start()
+    yield process
+    process.stop()
+
+
+def test_geometric_reranking_draws_the_matched_points(browser, sift_server, real_photos, tmp_path):
+    from test_service_rerank import CROPPED, cropped_photo
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    query, _ = cropped_photo(real_photos[CROPPED], tmp_path)
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(sift_server.url + "/")
+        page.wait_for_selector("#status:has-text('photos indexed')")
+        assert "geometric" in page.locator("#rerank option").evaluate_all("options => options.map(o => o.value)")
+        page.set_input_files("#query-files", str(query))
+        page.select_option("#rerank", "geometric")
+        page.click("#search-button")
+        page.wait_for_selector("#search-message.ok")
+        assert "re-ranked: geometric in" in page.inner_text("#search-message")
+        first = page.locator("#results li").first
+        assert real_photos[CROPPED].name in first.inner_text()
+        assert re.search(r"geometric: \d+ inliers ✓", first.inner_text()), first.inner_text()
+        first.locator(".matches-button").click()
+        page.wait_for_selector("#matches[open] #matches-view[data-lines]")
+        lines = int(page.get_attribute("#matches-view", "data-lines"))
+        assert lines >= 10 and page.locator("#matches-view line").count() == lines
+        # Both photos are drawn (the query from the user's own file, the result from file_url).
+        hrefs = page.locator("#matches-view image").evaluate_all("images => images.map(i => i.getAttribute('href'))")
+        assert hrefs[0].startswith("blob:") and hrefs[1].endswith(f"/v1/images/{CROPPED + 1}/file")
+        page.wait_for_function("""() => Array.from(document.querySelectorAll('#matches-view line'))
+            .every(l => Number(l.getAttribute('x2')) > Number(l.getAttribute('x1')))""")
+        assert "matched points" in page.inner_text("#matches-caption")
+        page.screenshot(path=str(ARTIFACTS / "service-page-matches.png"))
+        page.click("#matches-close")
+        assert not page.is_visible("#matches")
+    finally:
+        context.close()

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from netvlad.rerank.shortlist import DEFAULT_RERANK_K
 from netvlad.search import FUSIONS
 from service.deps import State, StatusAccess
 from service.guards import GuardedRoute
@@ -45,9 +46,11 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/info", response_model=Info, dependencies=[StatusAccess])
 async def info(state: State) -> Info:
-    """Model, collection size, limits and access rules (what the web page adapts to)."""
+    """Model, collection size, limits, access rules and the re-rankings this index serves (what
+    the web page adapts to)."""
     settings = state.settings
     has_key = settings.api_key is not None
+    methods = await run_in_threadpool(state.index.rerank_methods)
     return Info(
         model=state.model_name, dim=state.index.dim, device=str(state.index.model.device),
         micro_batching=state.batcher.enabled, count=await run_in_threadpool(len, state.index),
@@ -58,4 +61,6 @@ async def info(state: State) -> Info:
         max_upload_bytes=settings.max_upload_bytes, max_request_bytes=settings.max_request_bytes,
         max_pixels=settings.max_pixels,
         max_query_images=settings.max_query_images, max_top_k=settings.max_top_k,
+        rerank_methods=list(methods), default_rerank_k=min(DEFAULT_RERANK_K, settings.max_rerank_k),
+        max_rerank_k=settings.max_rerank_k,
     )

@@ -2,7 +2,11 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, files: [], objectUrls: [] };
+const state = { info: null, files: [], objectUrls: [], searchedUrls: [] };
+const SVG = "http://www.w3.org/2000/svg";
+const RERANK_LABELS = {
+  none: "none", geometric: "geometric (local features)", patch: "patch (Patch-NetVLAD)", aqe: "query expansion (α-QE)",
+};
 
 function apiKey() { return $("api-key").value.trim(); }
 
@@ -73,7 +77,67 @@ function formatLocation(loc) {
   return parts.join(" · ");
 }
 
-async function renderResults(body) {
+// The re-ranking evidence of a result as a short line: inliers for geometric, a score otherwise.
+function rerankText(rerank) {
+  const score = rerank.method === "geometric" ? `${Math.round(rerank.score)} inliers` : rerank.score.toFixed(3);
+  return `${rerank.method}: ${score}${rerank.verified ? " ✓" : ""}`;
+}
+
+function svgElement(name, attributes) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  return element;
+}
+
+// Width and height of a picture once it loads (when the server did not say).
+async function naturalSize(url) {
+  const img = new Image();
+  img.src = url;
+  await img.decode();
+  return [img.naturalWidth, img.naturalHeight];
+}
+
+// The query photo (left) and the result's photo (right) side by side, a line between each pair of
+// matched points. Points are pixels of the query photo as searched (query_size) and of the
+// result's file at full size (width × height): both are scaled to the drawn size.
+async function showMatches(result, queryUrl, hitSource) {
+  const rerank = result.rerank;
+  const view = $("matches-view");
+  view.replaceChildren();
+  view.removeAttribute("data-lines");
+  $("matches-caption").textContent = "Loading…";
+  const dialog = $("matches");
+  if (!dialog.open) dialog.showModal();
+  const hitUrl = await hitSource;
+  const [qw, qh] = rerank.query_size || await naturalSize(queryUrl);
+  const [cw, ch] = result.width && result.height ? [result.width, result.height] : await naturalSize(hitUrl);
+  const height = 480, gap = 16;
+  const wq = qw * height / qh, wc = cw * height / ch, x0 = wq + gap;
+  view.setAttribute("viewBox", `0 0 ${wq + gap + wc} ${height}`);
+  view.append(
+    svgElement("image", { href: queryUrl, x: 0, y: 0, width: wq, height, preserveAspectRatio: "none" }),
+    svgElement("image", { href: hitUrl, x: x0, y: 0, width: wc, height, preserveAspectRatio: "none" }),
+  );
+  const lines = svgElement("g", { class: "match-lines" });
+  rerank.points.forEach(([xq, yq, xc, yc], i) => {
+    const colour = `hsl(${Math.round(i * 137.5) % 360} 90% 55%)`;
+    const x1 = xq * wq / qw, y1 = yq * height / qh, x2 = x0 + xc * wc / cw, y2 = yc * height / ch;
+    lines.append(
+      svgElement("line", { x1, y1, x2, y2, stroke: colour }),
+      svgElement("circle", { cx: x1, cy: y1, r: 3, fill: colour }),
+      svgElement("circle", { cx: x2, cy: y2, r: 3, fill: colour }),
+    );
+  });
+  view.append(lines);
+  view.setAttribute("data-lines", rerank.points.length);
+  const name = result.name || (result.path || "").split("/").pop() || `image ${result.id}`;
+  const parts = [`${rerank.points.length} matched points`, rerankText(rerank)];
+  if (rerank.model) parts.push(`model: ${rerank.model}`);
+  $("matches-caption").textContent =
+    `Query photo ${rerank.query + 1} (left) and result #${result.rank}, ${name} (right): ${parts.join(" · ")}`;
+}
+
+async function renderResults(body, queryUrls) {
   const list = $("results");
   list.replaceChildren();
   const location = $("location");
@@ -93,7 +157,8 @@ async function renderResults(body) {
     const img = document.createElement("img");
     img.alt = result.name || `image ${result.id}`;
     img.loading = "lazy";
-    imageSource(result.file_url).then((src) => {
+    const source = imageSource(result.file_url);
+    source.then((src) => {
       img.src = src;
       link.href = src;  // a blob URL when reads need the key, so the click opens the photo too
     });
@@ -113,8 +178,27 @@ async function renderResults(body) {
       where.textContent = `${result.lat.toFixed(4)}, ${result.lon.toFixed(4)}`;
       caption.append(where);
     }
+    if (result.rerank) {
+      const evidence = document.createElement("span");
+      evidence.className = "rerank" + (result.rerank.verified ? " verified" : "");
+      evidence.textContent = rerankText(result.rerank);
+      evidence.title = result.rerank.verified ? "re-ranked by its local evidence"
+        : "too little local evidence: keeps its global order after the verified results";
+      caption.append(evidence);
+    }
     link.append(img, caption);
     item.append(link);
+    if (result.rerank && result.rerank.points.length) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "matches-button";
+      button.textContent = `Matches (${result.rerank.points.length})`;
+      const queryUrl = queryUrls[result.rerank.query] || queryUrls[0];
+      button.addEventListener("click", () => showMatches(result, queryUrl, source).catch((err) => {
+        $("matches-caption").textContent = `Cannot show the matches: ${err.message}`;
+      }));
+      item.append(button);
+    }
     list.append(item);
   }
 }
@@ -128,19 +212,26 @@ async function search(event) {
   state.files.forEach((file) => form.append("images", file, file.name));
   form.append("top_k", $("top-k").value || "12");
   form.append("fusion", $("fusion").value);
+  form.append("rerank", $("rerank").value || "none");
+  // The query photos as searched, for the matches view of these results (kept until the next search).
+  const queryUrls = state.files.map((file) => URL.createObjectURL(file));
   $("search-button").disabled = true;
   show(message, "Searching…");
   try {
     const response = await fetch("v1/search", { method: "POST", body: form, headers: headers() });
     if (!response.ok) { show(message, await errorText(response), "error"); return; }
     const body = await response.json();
-    await renderResults(body);
+    state.searchedUrls.forEach(URL.revokeObjectURL);
+    state.searchedUrls = queryUrls.splice(0);
+    await renderResults(body, state.searchedUrls);
+    const reranked = body.rerank && body.rerank !== "none" ? `, re-ranked: ${body.rerank} in ${Math.round(body.rerank_ms)} ms` : "";
     show(message, body.results.length
-      ? `${body.results.length} results in ${Math.round(body.took_ms)} ms (${body.queries} photo${body.queries === 1 ? "" : "s"}, fusion: ${body.fusion}).`
+      ? `${body.results.length} results in ${Math.round(body.took_ms)} ms (${body.queries} photo${body.queries === 1 ? "" : "s"}, fusion: ${body.fusion}${reranked}).`
       : "The collection is empty: add photos first.", body.results.length ? "ok" : "");
   } catch (err) {
     show(message, `Cannot reach the service: ${err.message}`, "error");
   } finally {
+    queryUrls.forEach(URL.revokeObjectURL);  // not kept: the search failed
     $("search-button").disabled = !state.files.length;
   }
 }
@@ -186,6 +277,11 @@ async function loadInfo() {
     if (!fusion.options.length) {
       for (const mode of info.fusion_modes) fusion.append(new Option(mode, mode, mode === info.default_fusion, mode === info.default_fusion));
     }
+    const rerank = $("rerank");
+    if (!rerank.options.length) {
+      for (const method of info.rerank_methods || ["none"])
+        rerank.append(new Option(RERANK_LABELS[method] || method, method, method === "none", method === "none"));
+    }
     $("top-k").max = info.max_top_k;
     $("add-panel").hidden = !info.writes_allowed;
     $("key-panel").hidden = !(info.writes_need_key || info.reads_need_key);
@@ -214,4 +310,6 @@ setUpDropZone();
 $("search-form").addEventListener("submit", search);
 $("add-form").addEventListener("submit", addImage);
 $("api-key").addEventListener("change", () => { if (!state.info) loadInfo(); });
+$("matches-close").addEventListener("click", () => $("matches").close());
+$("matches").addEventListener("click", (e) => { if (e.target === $("matches")) $("matches").close(); });
 loadInfo();
