@@ -131,9 +131,11 @@ def evaluate(
     per_query: bool = False,
     progress: bool = False,
     queries: str = "all",
+    keep_descriptors: bool = False,
 ) -> dict:
     """Describe the dataset's database and query photos, then `recall_at_n` on its positives
-    (`queries`: which queries Recall@N divides by, see QUERY_CONVENTIONS).
+    (`queries`: which queries Recall@N divides by, see QUERY_CONVENTIONS); `keep_descriptors`
+    adds them as "descriptors": (database (Nd, dim), queries (Nq, dim)).
 
     `describer` is an object with `.describe(images, progress=...)` (a NetVLADModel, a
     baseline) or a function of a list of paths returning (N, dim) descriptors. Adds to the
@@ -156,6 +158,8 @@ def evaluate(
         describe_s=seconds,
         images_per_s=(len(db_paths) + len(q_paths)) / seconds if seconds > 0 else float("inf"),
     )
+    if keep_descriptors:
+        result["descriptors"] = (db_desc, q_desc)
     return result
 
 

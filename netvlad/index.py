@@ -26,6 +26,7 @@ from netvlad.indexreader import IndexReader, ModelArg
 from netvlad.intake import Photo, catalogue, describe_new, prepare_photos, remove_files
 from netvlad.metadata import validate_metadata
 from netvlad.modelfile import load_model
+from netvlad.rerank.expansion import database_augment, load_dba, remove_dba, save_dba
 from netvlad.rerank.indexevidence import MAX_KEYPOINTS
 from netvlad.storage import disk_full_errors
 from netvlad.vectorcache import AUTO
@@ -114,6 +115,21 @@ class Index(IndexReader):
         descriptor shards first (`DescriptorStore.compact`)."""
         self.store.compact()
         self._cache.save_if_changed()
+
+    @_modifies
+    def augment_database(self, k: int = 5, alpha: float = 3.0) -> None:
+        """Compute database-side augmentation (DBA) of every indexed descriptor and keep it beside
+        them (DIR/dba/); searches then score their shortlist with it. Reversible (`drop_augmentation`)."""
+        self.store.compact()
+        ids, augmented = database_augment(self.store, k, alpha)
+        save_dba(self.directory, ids, augmented, k, alpha, self.catalog.revision)
+        self.dba = load_dba(self.directory)
+
+    @_modifies
+    def drop_augmentation(self) -> bool:
+        """Delete the DBA descriptors (searches use the originals again); whether there were any."""
+        self.dba = None
+        return remove_dba(self.directory)
 
     @_modifies
     def keep_evidence(self, local_features: str | None = None, max_keypoints: int = MAX_KEYPOINTS,

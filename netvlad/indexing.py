@@ -9,7 +9,11 @@
 2. *Describe*: a torch DataLoader decodes and preprocesses pending photos in worker processes
    (pinned memory on CUDA) in batches of equal shape; each batch's descriptors are stored in the
    catalog in one transaction, and photos that fail to decode are marked failed with the reason.
-3. *Save*: the faiss index is brought up to date and saved (also every `save_every`
+   When the index keeps re-ranking evidence (local features, patch descriptors), a batch's
+   evidence is stored just before its descriptors.
+3. *Evidence*: indexed photos still lacking the kept evidence (indexed before it was asked for)
+   get it, `EVIDENCE_CHUNK` at a time.
+4. *Save*: the faiss index is brought up to date and saved (also every `save_every`
    seconds during long runs).
 
 A run killed at any moment is resumed by running it again: committed work is kept, the rest is
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Files hashed and recorded per catalog transaction during a scan.
 SCAN_CHUNK = 256
+#: Photos whose missing evidence is computed and stored per transaction.
+EVIDENCE_CHUNK = 32
 
 
 @dataclass
@@ -52,6 +58,7 @@ class IndexingReport:
     unchanged: int = 0
     pruned: int = 0
     described: int = 0
+    evidence_added: int = 0
     failed: int = 0
     images: int = 0
     index_type: str = ""
@@ -156,6 +163,20 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
     bar.close()
 
 
+def fill_evidence(index: Index, report: IndexingReport, progress: bool = True) -> None:
+    """Store the kept evidence of indexed photos that lack it (step 3); fills `report`."""
+    missing = index.evidence.missing(index.catalog.indexed_ids()) if index.evidence.kinds() else []
+    if not len(missing):
+        return
+    bar = tqdm(total=len(missing), desc="evidence", unit="img", disable=not progress, smoothing=0.05)
+    for start in range(0, len(missing), EVIDENCE_CHUNK):
+        chunk = missing[start : start + EVIDENCE_CHUNK].tolist()
+        index.store_evidence(chunk)
+        bar.update(len(chunk))
+        report.evidence_added += len(chunk)
+    bar.close()
+
+
 def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, batch_size: int = 16,
                  workers: int | None = None, progress: bool = True, save_every: float = 600.0,
                  ray: RayOptions | None = None) -> IndexingReport:
@@ -174,6 +195,7 @@ def index_folder(index: Index, photos: str | os.PathLike, prune: bool = False, b
         from netvlad.indexing_ray import describe_pending_ray  # Ray is an optional extra
 
         describe_pending_ray(index, report, ray, progress, save_every)
+    fill_evidence(index, report, progress)
     index.save()
     report.seconds = time.perf_counter() - start
     report.images = len(index)

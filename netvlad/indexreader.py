@@ -25,6 +25,7 @@ from netvlad.indexfolder import MODEL, UPLOADS, acquire_writer_lock, open_catalo
 from netvlad.model import NetVLADModel
 from netvlad.modelfile import load_model
 from netvlad.photofile import open_indexed_photo
+from netvlad.rerank.expansion import load_dba
 from netvlad.rerank.indexevidence import IndexEvidence
 from netvlad.rerank.shortlist import DEFAULT_RERANK_K, NEEDS_PICTURES, check_method, rerank_result
 from netvlad.rwlock import ReadWriteLock
@@ -49,6 +50,7 @@ class IndexReader:
         self.catalog = cache.catalog
         self.store = cache.store
         self.evidence = evidence
+        self.dba = load_dba(directory)
         self.writable = writable
         self.amp = amp
         self.max_pixels = DEFAULT_MAX_PIXELS
@@ -192,6 +194,6 @@ class IndexReader:
         self.evidence.require(rerank)
         with self._lock.read():
             if rerank == "none":
-                return rank(self._cache.vectors, self.store, self.resolve, q, k, fusion, alpha)
-            pool = rank(self._cache.vectors, self.store, self.resolve, q, max(k, rerank_k), fusion, alpha)
+                return rank(self._cache.vectors, self.store, self.resolve, q, k, fusion, alpha, self.dba)
+            pool = rank(self._cache.vectors, self.store, self.resolve, q, max(k, rerank_k), fusion, alpha, self.dba)
             return rerank_result(pool, rerank, k, q, query_images, self.evidence, self.store, self.model)

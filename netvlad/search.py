@@ -18,6 +18,7 @@ import torch
 
 from netvlad.records import ImageRecord
 from netvlad.descriptorstore import DescriptorStore
+from netvlad.rerank.expansion import DbaDescriptors
 from netvlad.soft import softargmax, softmedian, weighted_softmedian
 from netvlad.vectorindex import VectorIndex
 
@@ -145,12 +146,13 @@ def estimate_location(
 
 
 def rank(vectors: VectorIndex, store: DescriptorStore, resolve, queries: np.ndarray, k: int, fusion: str,
-         alpha: float = FUSION_ALPHA) -> SearchResult:
+         alpha: float = FUSION_ALPHA, dba: DbaDescriptors | None = None) -> SearchResult:
     """The top `k` of `vectors` for (m, dim) query descriptors of one place, with their catalog
     records from `store`'s catalog (`resolve(path, origin)` gives absolute paths). The m rankings are fused
     (`fuse_scores`) over a candidate pool of each query's top max(4k, 50), rescored exactly with
-    the stored descriptors when there are several queries or the faiss scores are approximate.
-    The caller keeps `vectors` and `store` from changing meanwhile."""
+    the stored descriptors when there are several queries or the faiss scores are approximate,
+    and with the database-augmented ones (`dba`, `netvlad.rerank.expansion`) where the index
+    keeps them. The caller keeps `vectors` and `store` from changing meanwhile."""
     catalog = store.catalog
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     if fusion not in FUSIONS:
@@ -159,12 +161,16 @@ def rank(vectors: VectorIndex, store: DescriptorStore, resolve, queries: np.ndar
     if n == 0 or k < 1:
         return SearchResult([], None, fusion, len(q))
     k = min(int(k), n)
-    rescore = len(q) > 1 or vectors.spec.quantised
+    rescore = len(q) > 1 or vectors.spec.quantised or dba is not None
     scores, ids = vectors.search(q, min(n, max(4 * k, 50)) if rescore else k)
     if rescore:
         candidates = np.unique(ids[ids >= 0])
+        x = store.descriptors(candidates)
+        if dba is not None:  # photos added since DBA was computed keep their own descriptors
+            augmented, found = dba.descriptors(candidates)
+            x[found] = augmented[found]
         # torch, not numpy: one thread pool for small products (see vectorindex.SMALL_BATCH)
-        sims = (torch.from_numpy(store.descriptors(candidates)) @ torch.from_numpy(q).T).numpy()
+        sims = (torch.from_numpy(x) @ torch.from_numpy(q).T).numpy()
     else:
         keep = ids[0] >= 0
         candidates, sims = ids[0][keep], scores[0][keep, None]

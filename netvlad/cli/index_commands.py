@@ -15,10 +15,15 @@ from netvlad.errors import ImageError
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.index import Index
 from netvlad.indexing import index_folder
+from netvlad.rerank.indexevidence import MAX_KEYPOINTS
+from netvlad.rerank.localfeatures import LOCAL_KINDS
+from netvlad.rerank.shortlist import DEFAULT_RERANK_K, RERANK_METHODS
 from netvlad.search import FUSIONS, SearchResult
 
 THUMBNAIL_COLUMNS = 5
 Fusion = Literal[FUSIONS]
+LocalKind = Literal[LOCAL_KINDS]
+RerankMethod = Literal[RERANK_METHODS]
 
 
 @app.command("index")
@@ -48,6 +53,17 @@ def index_command(
     ray_batch_size: Annotated[int, typer.Option(min=1, help="Photos per Ray batch.")] = 16,
     ray_read_from: Annotated[Optional[str], typer.Option(
         help="Base URI Ray workers read the photos from (s3://bucket/photos/…), PHOTOS' layout.")] = None,
+    local_features: Annotated[Optional[LocalKind], typer.Option(
+        help="Also keep local features of every photo for `--rerank geometric` (RootSIFT or ORB; about 65 KB "
+             "or 33 KB a photo at 1000 keypoints). Photos indexed before get them on this run.")] = None,
+    max_keypoints: Annotated[int, typer.Option(min=10, help="Local features kept per photo (strongest first).")] = MAX_KEYPOINTS,
+    dba: Annotated[Optional[bool], typer.Option("--dba/--no-dba", help=(
+        "Database-side augmentation: --dba computes it after this run (each descriptor blended with its 5 nearest; "
+        "searches then score their shortlist with it), --no-dba removes it. Default: kept up to date when the index has it.")
+    )] = None,
+    patch_features: Annotated[bool, typer.Option(
+        "--patch-features", help="Also keep patch descriptors of every photo for `--rerank patch` (a second "
+                                 "pass of the network; about 45 KB a photo).")] = False,
 ) -> None:
     """Index a photo folder: catalogue, describe and add new photos (kill and re-run to resume)."""
     if not photos.is_dir():
@@ -59,10 +75,15 @@ def index_command(
         ray_options = RayOptions(ray, ray_concurrency, ray_batch_size, ray_read_from).checked()
     if (slow := slow_bf16_warning(resolve_device(device), amp)) is not None:
         typer.echo(f"warning: {slow}", err=True)
-    with Index.open_or_create(index_dir, model, index_type, device=device, amp=amp) as index:
+    with Index.open_or_create(index_dir, model, index_type, device=device, amp=amp, local_features=local_features,
+                              max_keypoints=max_keypoints, patch_features=patch_features) as index:
         index.max_pixels = max_pixels
         report = index_folder(index, photos, prune=prune, batch_size=batch_size, workers=workers,
                               progress=not quiet, save_every=save_every, ray=ray_options)
+        if dba is True or (dba is None and index.dba is not None and index.dba.is_stale(index.catalog.revision)):
+            index.augment_database()
+        elif dba is False:
+            index.drop_augmentation()
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
@@ -70,6 +91,7 @@ def index_command(
         f"{index_dir}: {report.images} photos indexed ({report.index_type}); this run: {report.files} files, "
         f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, {report.pruned} pruned; "
         f"described {report.described} in {report.seconds:.1f} s ({report.images_per_s:.1f} img/s)"
+        + (f"; evidence added for {report.evidence_added} indexed before" if report.evidence_added else "")
     )
     if report.failures:
         typer.echo(f"{len(report.failures)} files skipped:")
@@ -114,6 +136,10 @@ def search_command(
     index_dir: Annotated[Path, typer.Option("--index", help="Index folder built by `netvlad index`.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of results.")] = 10,
     fusion: Annotated[Fusion, typer.Option(help="How several query photos are combined.")] = "softmedian",
+    rerank: Annotated[RerankMethod, typer.Option(help=(
+        "Re-rank the top of the list: geometric (local features + RANSAC; index built with --local-features), "
+        "patch (patch descriptors; --patch-features), aqe (query expansion) or none."))] = "none",
+    rerank_k: Annotated[int, typer.Option(min=1, help="How many of the top results are re-ranked.")] = DEFAULT_RERANK_K,
     model: Annotated[Optional[str], typer.Option(help="Model file (default: the index's own; must match it).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
     thumbnails: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of queries and results (PNG).")] = None,
@@ -121,14 +147,18 @@ def search_command(
 ) -> None:
     """Find the indexed photos of the place shown in one or several query photos."""
     with Index.open(index_dir, model, writable=False, device=device) as index:
-        result = index.search([str(p) for p in images], k=top_k, fusion=fusion)
+        result = index.search([str(p) for p in images], k=top_k, fusion=fusion, rerank=rerank, rerank_k=rerank_k)
     if thumbnails is not None:
         _thumbnails(result, images, thumbnails)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
     for rank, hit in enumerate(result.hits, start=1):
-        typer.echo(f"{rank:3d}  {hit.score:6.3f}  id {hit.id:<8d} {display_path(hit.path or '-')}")
+        evidence = "" if hit.rerank is None else f"  {hit.rerank.method} {hit.rerank.score:g}" + (
+            " ✓" if hit.rerank.verified and hit.rerank.method == "geometric" else "")
+        typer.echo(f"{rank:3d}  {hit.score:6.3f}  id {hit.id:<8d} {display_path(hit.path or '-')}{evidence}")
+    if result.rerank != "none":
+        typer.echo(f"re-ranked the top {max(top_k, rerank_k)} by {result.rerank} in {result.rerank_ms:.0f} ms")
     if result.location is not None:
         loc = result.location
         typer.echo(f"location: {loc.lat:.6f}, {loc.lon:.6f} (from {loc.support} results, spread {loc.spread_m:.0f} m)")
