@@ -49,7 +49,7 @@ clean:
 #    with the best Recall@1 on val/ (best.pt).
 default-model: install photos
 	ls $(PHOTOS)/*.jpg | grep -v motorcycle_right > runs-photos.txt
-	$(VENV)/bin/netvlad make-placeset $$(cat runs-photos.txt) --out data/placesets/ship --holdout 0.2 --seed 0 --overwrite
+	$(VENV)/bin/netvlad make-placeset $$(cat runs-photos.txt) --out data/placesets/ship --holdout 0.2 --test-fraction 0 --seed 0 --overwrite
 	find data/placesets/ship/train -path '*database*' -name '*.jpg' | sort | awk 'NR%6==0' > runs-init.txt
 	$(VENV)/bin/netvlad init $$(cat runs-init.txt) --out runs/ship-init.pt --backbone resnet18-layer3 --clusters 32 \
 		--input-mode grey --max-side 320 --no-pretrained --per-image 100 --seed 0
