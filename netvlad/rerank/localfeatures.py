@@ -27,6 +27,11 @@ from netvlad.errors import IndexStoreError
 LOCAL_KINDS = ("sift", "orb")
 #: Descriptor length in bytes per keypoint of each kind.
 DESCRIPTOR_BYTES = {"sift": 128, "orb": 32}
+#: SIFT's contrast threshold. OpenCV's default, 0.04, finds too few keypoints on low-contrast
+#: photos (sky, walls, haze): on 150 queries of a training place set, positives verified with
+#: ≥ 15 inliers rose from 92 to 118 at 0.01 (217 → 483 keypoints a query), and no random
+#: negative was verified either way.
+SIFT_CONTRAST = 0.01
 FORMAT_VERSION = 1
 _MAGIC = b"NVLF"
 _HEADER = struct.Struct("<4sBBHIIId4x")  # magic, version, kind, reserved, n, width, height, scale
@@ -143,7 +148,8 @@ def extract_local_features(image: Image.Image | np.ndarray, kind: str = "sift", 
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    detector = cv2.SIFT_create(nfeatures=max_keypoints) if kind == "sift" else cv2.ORB_create(nfeatures=max_keypoints)
+    detector = (cv2.SIFT_create(nfeatures=max_keypoints, contrastThreshold=SIFT_CONTRAST) if kind == "sift"
+                else cv2.ORB_create(nfeatures=max_keypoints))
     keypoints, descriptors = detector.detectAndCompute(grey, None)
     if descriptors is None:  # no keypoint found (e.g. a flat image)
         points = np.zeros((0, 2), np.float32)
