@@ -161,7 +161,8 @@ def test_dba_is_kept_beside_the_descriptors_and_reversible(photos, model_path, t
 
 def test_eval_reports_reranked_recall_and_time(real_photos, model_path, tmp_path):
     sources = [str(p) for p in real_photos[:3]]
-    made = subprocess.run([*CLI, "make-placeset", *sources, "--out", str(tmp_path / "ps"), "--queries-per-photo", "4"],
+    made = subprocess.run([*CLI, "make-placeset", *sources, "--out", str(tmp_path / "ps"), "--queries-per-photo", "4",
+                           "--stride", "128", "--out-size", "160x120"],
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     run = subprocess.run([*CLI, "eval", str(tmp_path / "ps"), "--model", str(model_path), "--rerank", "geometric",
