@@ -14,10 +14,12 @@ import typer
 from netvlad.baselines import BASELINES, fit_baseline
 from netvlad.cli.app import app
 from netvlad.datasets.community import SPLITS
-from netvlad.datasets.placeset import PlaceDataset, load_place_dataset
+from netvlad.datasets.placeset import DATABASE_CSV, PlaceDataset, load_place_dataset
 from netvlad.devices import resolve_device
+from netvlad.errors import DatasetError
 from netvlad.evaluation import DEFAULT_NS, QUERY_CONVENTIONS, evaluate, plot_recall, write_per_query_csv
 from netvlad.rerank.evaluate import evaluate_rerank
+from netvlad.imageio import find_photos
 from netvlad.modelfile import load_model
 from netvlad.rerank.shortlist import DEFAULT_RERANK_K, RERANK_METHODS
 
@@ -46,7 +48,7 @@ def eval_command(
     model_path: Annotated[str, typer.Option("--model", "-m", help="Model file, or 'default'.")] = "default",
     baselines: Annotated[
         Optional[list[Baseline]], typer.Option("--baseline", "-b", help=(
-            "Also evaluate a baseline fitted on the database photos (repeatable): rootsift-vlad, or untrained "
+            "Also evaluate a baseline fitted on the database photos or --baseline-fit (repeatable): rootsift-vlad, untrained "
             "(the model's architecture with random weights, BatchNorm and k-means initialised)."
         ))
     ] = None,
@@ -75,6 +77,10 @@ def eval_command(
         str, typer.Option(help="Torch device for the networks: auto (cuda when available), cpu, cuda, cuda:1, …")
     ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the baselines' random init and k-means.")] = 0,
+    baseline_fit: Annotated[Optional[list[Path]], typer.Option("--baseline-fit", help=(
+        "Fit the baselines (RootSIFT vocabulary, untrained k-means) on these photos instead of the evaluated database "
+        "(repeatable): photos, folders of photos, or place datasets (their database photos), e.g. the train/ part."
+    ))] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
@@ -86,6 +92,7 @@ def eval_command(
                                  split=split, cities=tuple(c.strip() for c in cities.split(",")) if cities else None,
                                  pos_radius_m=pos_radius,
                                  nontrivial_radius_m=None if pos_radius is None else min(pos_radius, 10.0))
+    fit_photos = _fit_photos(baseline_fit) if baseline_fit else dataset.db_paths()
     model = load_model(model_path, device=torch_device)
     describe_model = partial(model.describe, batch_size=batch_size, progress=progress)
 
@@ -100,7 +107,7 @@ def eval_command(
         results[f"{name} + {method}"] = {**base, **found, "fit_s": found["evidence_s"]}
     for name in dict.fromkeys(b.value for b in baselines or []):
         start = time.perf_counter()
-        baseline = fit_baseline(name, dataset.db_paths(), model.config, seed=seed, device=torch_device, progress=progress)
+        baseline = fit_baseline(name, fit_photos, model.config, seed=seed, device=torch_device, progress=progress)
         fit_s = time.perf_counter() - start
         results[name] = {"fit_s": fit_s, **run(baseline, progress=progress)}
 
@@ -115,6 +122,20 @@ def eval_command(
     for path, what in ((per_query, "per-query results"), (plot, "recall plot")):
         if path is not None:
             typer.echo(f"wrote {what} to {path}")
+
+
+def _fit_photos(sources: list[Path]) -> list[Path]:
+    """The photos `--baseline-fit` names: a place dataset folder gives its database photos, anything
+    else its photos (folders searched)."""
+    photos = []
+    for source in sources:
+        if source.is_dir() and (source / DATABASE_CSV).is_file():
+            photos.extend(load_place_dataset(source).db_paths())
+        else:
+            photos.extend(find_photos([source]))
+    if not photos:
+        raise DatasetError("--baseline-fit: no photos found in " + ", ".join(map(str, sources)))
+    return photos
 
 
 def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], results: dict[str, dict]) -> dict:
