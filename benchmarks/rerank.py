@@ -54,12 +54,12 @@ def main() -> None:
             rankings, ms = rerank_rankings(evidence, model, dataset.q_paths(), db_desc, q_desc, k, max(NS))
             recall = recall_of_rankings(rankings[:, : max(NS)], positives, len(db_desc), NS)["recall"]
             rows.append((method, str(k), recall, ms, evidence.bytes_per_photo))
-            print(f"  {method} k={k}: R@1 {100 * recall[1]:.1f} %, {ms:.0f} ms/query", flush=True)
+            print(f"  {method} k={k}: R@1 {100 * recall[1]:.1f} %, {ms:.1f} ms/query", flush=True)
 
     print("\n| method | k | R@1 | R@5 | R@10 | ms/query (extra) | stored bytes/photo |\n|---|---|---|---|---|---|---|")
     for method, k, recall, ms, size in rows:
         print(f"| {method} | {k} | " + " | ".join(f"{100 * recall[n]:.1f} %" for n in NS)
-              + f" | {ms:.0f} | {size:,.0f} |")
+              + f" | {ms:.1f} | {size:,.0f} |")
     base = rows[0][2][1]
     best = {m: max((r for r in rows if r[0] == m), key=lambda r: r[2][1]) for m in methods}
     for method, row in best.items():
