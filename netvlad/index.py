@@ -27,7 +27,7 @@ from netvlad.intake import Photo, catalogue, describe_new, prepare_photos, remov
 from netvlad.metadata import validate_metadata
 from netvlad.modelfile import load_model
 from netvlad.rerank.expansion import database_augment, load_dba, remove_dba, save_dba
-from netvlad.rerank.indexevidence import MAX_KEYPOINTS
+from netvlad.rerank.indexevidence import MAX_KEYPOINTS, PCA_PHOTOS
 from netvlad.storage import disk_full_errors
 from netvlad.vectorcache import AUTO
 from netvlad.vectorindex import IndexSpec, needs_training
@@ -141,8 +141,15 @@ class Index(IndexReader):
     def _evidence_of_files(self, ids: Sequence[int]) -> dict[str, dict[int, bytes]]:
         if not self.evidence.kinds():
             return {}
-        files = {i: str(self.resolve(*self.catalog.files_of(int(i))[0])) for i in ids if self.catalog.files_of(int(i))}
-        return self.evidence.extract_files(self.model, list(files.items()), self.max_pixels, self.amp)
+        files = [(int(i), str(self.resolve(*found[0]))) for i in ids if (found := self.catalog.files_of(int(i)))]
+        return self.evidence.extract_files(self.model, files, self.max_pixels, self.amp)
+
+    def prepare_evidence(self, paths: Sequence[str]) -> None:
+        """Before a folder run describes `paths`: learn the patch PCA (when patch descriptors are
+        kept and it is not learned yet) on up to `PCA_PHOTOS` of them, spread over the run."""
+        if self.evidence.patch and self.evidence.pca(self.model) is None and paths:
+            step = max(1, len(paths) // PCA_PHOTOS)
+            self.evidence.learn_pca(self.model, list(paths)[::step][:PCA_PHOTOS])
 
     def store_evidence(self, ids: Sequence[int]) -> None:
         """Compute and store the kept evidence of indexed images `ids` (those lacking it)."""

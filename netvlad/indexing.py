@@ -139,6 +139,7 @@ def describe_pending(index: Index, report: IndexingReport, batch_size: int = 16,
     model = index.model
     preprocess = model.preprocess
     items = [(image_id, str(index.resolve(path, origin))) for image_id, path, origin, _, _ in pending]
+    index.prepare_evidence([path for _, path in items])
     shapes = [preprocess.output_shape(w, h) if w and h else None for _, _, _, w, h in pending]
     loader = DataLoader(
         PhotoDataset(items, preprocess, index.max_pixels),
@@ -168,6 +169,8 @@ def fill_evidence(index: Index, report: IndexingReport, progress: bool = True) -
     missing = index.evidence.missing(index.catalog.indexed_ids()) if index.evidence.kinds() else []
     if not len(missing):
         return
+    records = index.catalog.records(missing.tolist(), index.resolve)
+    index.prepare_evidence([records[i].path for i in missing.tolist() if i in records and records[i].path])
     bar = tqdm(total=len(missing), desc="evidence", unit="img", disable=not progress, smoothing=0.05)
     for start in range(0, len(missing), EVIDENCE_CHUNK):
         chunk = missing[start : start + EVIDENCE_CHUNK].tolist()

@@ -201,6 +201,7 @@ def describe_pending_ray(index: Index, report: IndexingReport, options: RayOptio
     pending = index.catalog.pending()
     if not pending:
         return
+    index.prepare_evidence([str(index.resolve(path, origin)) for _, path, origin, _, _ in pending])
     with ray_session(options.address) as ray:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -117,6 +117,7 @@ def test_kill_during_indexing_keeps_evidence_in_step(photos, model_path, tmp_pat
         for kind in ("sift", "patch"):
             assert np.array_equal(index.evidence.store.ids(kind), indexed), kind
         assert index.rerank_methods() == ["none", "geometric", "patch", "aqe"]
+        assert (index_dir / "patch-pca.npz").is_file()  # learned before the first batch, on the run's photos
         found = index.search([crop_query(photos / "07.jpg")], k=3, rerank="patch", rerank_k=12)
         assert found.hits[0].rerank is not None and len(found.hits[0].rerank.points) > 0
 
