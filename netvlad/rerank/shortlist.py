@@ -125,9 +125,8 @@ def rerank_result(pool: SearchResult, method: str, k: int, queries: np.ndarray, 
     """The top `k` of `pool` (a search result of at least `k` hits) re-ranked by `method` with the
     index's `evidence` and descriptor `store`; `query_images` are the query photos as searched
     (PIL images or (H, W, 3) uint8), needed by ``geometric`` and ``patch``. Hits carry their
-    `Rerank` evidence; the location is estimated again from the new top `k`."""
-    check_method(method)
-    evidence.require(method)
+    `Rerank` evidence; the location is estimated again from the new top `k`. The caller has
+    checked `method` (`check_method`, `IndexEvidence.require`) before searching."""
     start = time.perf_counter()
     ids = [hit.id for hit in pool.hits]
     if method in NEEDS_PICTURES and not query_images:
