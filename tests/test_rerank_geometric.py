@@ -14,9 +14,10 @@ from PIL import Image
 
 from netvlad.errors import IndexStoreError
 from netvlad.rerank.evidence import FILE_NAME, EvidenceStore
-from netvlad.rerank.geometric import (MIN_INLIERS, geometric_rerank, mutual_nearest_neighbours, reorder,
+from netvlad.rerank.geometric import (MIN_INLIERS, Verification, geometric_rerank, mutual_nearest_neighbours, reorder,
                                       verify_pair)
 from netvlad.rerank.localfeatures import DESCRIPTOR_BYTES, LocalFeatures, extract_local_features, rootsift
+from netvlad.rerank.shortlist import _strength
 
 KINDS = ("sift", "orb")
 PHOTO = "sklearn-china.jpg"  # 640×427: analysed at max_side=480, so points map back by 1/0.75
@@ -117,7 +118,7 @@ def test_ransac_rejects_wrong_matches(features, scene):
 def test_unrelated_photos_give_few_inliers(features):
     for other in features["others"]:
         result = verify_pair(features["warped"], other)
-        assert result.inliers < MIN_INLIERS, (features["kind"], result.inliers, result.model)
+        assert not result.passes(), (features["kind"], result.inliers, result.matches, result.model)
 
 
 def test_fundamental_matrix_wins_on_a_3d_scene(real_photos):
@@ -142,11 +143,23 @@ def test_rerank_lifts_the_true_match_above_a_texture_twin(features, scene):
     assert hits[2].verification is None
 
 
+def _verification(inliers: int, matches: int) -> Verification:
+    return Verification(inliers, "homography", matches, np.zeros((inliers, 4), np.float32))
+
+
 def test_reorder_rule():
-    inliers = [None, 20, 3, 20, 50, None, 15, 14]
-    assert reorder(inliers, min_inliers=15) == [4, 1, 3, 6, 0, 2, 5, 7]
-    assert reorder([None, 3, 0], min_inliers=15) == [0, 1, 2]
+    counts = [None, (20, 80), (3, 30), (20, 40), (50, 60), None, (15, 100), (14, 100), (9, 18), (8, 10), (12, 25)]
+    verifications = [None if c is None else _verification(*c) for c in counts]
+    # ≥ 15 inliers, or ≥ 9 that are ≥ half the matches (9/18 yes; 8/10 too few; 12/25 under half)
+    assert reorder(verifications, min_inliers=15) == [4, 1, 3, 6, 8, 0, 2, 5, 7, 9, 10]
+    assert reorder([None, _verification(3, 3), _verification(0, 0)], min_inliers=15) == [0, 1, 2]
     assert reorder([], min_inliers=15) == []
+
+
+def test_a_query_photo_that_verifies_beats_one_with_more_unverified_inliers():
+    consistent, scattered = _verification(10, 12), _verification(12, 60)
+    assert consistent.passes() and not scattered.passes()
+    assert _strength(consistent, MIN_INLIERS) > _strength(scattered, MIN_INLIERS)
 
 
 def test_time_budget_spent_keeps_the_global_order(features):

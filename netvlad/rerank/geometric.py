@@ -15,8 +15,13 @@ and runs on its own thread only — `cv2.gemm` and USAC are single-threaded what
 `cv2.setNumThreads` says, faiss is held to one thread — so OpenCV's process-wide thread count is
 left as it is (its threads speed up SIFT extraction of the query).
 
-Minimum inliers τ = 15 (`MIN_INLIERS`): above the 9 homography inliers chance gave unrelated
-pairs, well below the hundreds a true match of the same place gives.
+Which candidates count as verified (`passes`): ≥ 15 inliers (`MIN_INLIERS`), or ≥ 9
+(`MIN_CONSISTENT_INLIERS`) that are at least half (`MIN_INLIER_FRACTION`) of the mutual matches.
+Measured on 56 421 pairs of unrelated photos (different source photos of the project's place sets'
+train/ and val/ parts, SIFT at 1000 keypoints, ratio test 0.85): chance gave at most 8 inliers, and
+at most half the mutual matches when 8. A true match between low-texture views often has only
+10–15 mutual matches, nearly all inliers; the second rule keeps those (on train/'s 720 queries
+re-ranked from a weak global ranking, R@1 79.4 → 81.4 %) without letting chance in.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ import numpy as np
 from netvlad.rerank.localfeatures import LOCAL_KINDS, LocalFeatures
 
 MIN_INLIERS = 15
+#: Fewer inliers verify too when there are at least this many and they are at least this fraction of
+#: the mutual matches (module docstring).
+MIN_CONSISTENT_INLIERS = 9
+MIN_INLIER_FRACTION = 0.5
 #: Fewer mutual matches than this: no model is fitted (0 inliers).
 MIN_MATCHES = 10
 #: RANSAC threshold in analysed-image pixels (long side ≤ 640 by default).
@@ -53,6 +62,11 @@ class Verification:
     model: str
     matches: int
     points: np.ndarray
+
+    def passes(self, min_inliers: int = MIN_INLIERS) -> bool:
+        """Whether the candidate counts as verified (module docstring)."""
+        return self.inliers >= min_inliers or (
+            self.inliers >= MIN_CONSISTENT_INLIERS and self.inliers >= MIN_INLIER_FRACTION * self.matches)
 
 
 @dataclass(eq=False)
@@ -153,14 +167,14 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, ratio: float | N
     return Verification(count, model, matches, points)
 
 
-def reorder(inliers: Sequence[int | None], min_inliers: int = MIN_INLIERS) -> list[int]:
-    """The re-ranking rule, on positions of the global order: candidates with ≥ `min_inliers`
-    inliers first, most inliers first (ties keep the global order), then all others (fewer
-    inliers, or None: not verified) in their global order."""
-    verified = [i for i, n in enumerate(inliers) if n is not None and n >= min_inliers]
-    verified.sort(key=lambda i: -inliers[i])  # stable: ties keep the global order
+def reorder(verifications: Sequence[Verification | None], min_inliers: int = MIN_INLIERS) -> list[int]:
+    """The re-ranking rule, on positions of the global order: verified candidates first
+    (`Verification.passes`), most inliers first (ties keep the global order), then all others
+    (not verified, or None: no evidence) in their global order."""
+    verified = [i for i, v in enumerate(verifications) if v is not None and v.passes(min_inliers)]
+    verified.sort(key=lambda i: -verifications[i].inliers)  # stable: ties keep the global order
     chosen = set(verified)
-    return verified + [i for i in range(len(inliers)) if i not in chosen]
+    return verified + [i for i in range(len(verifications)) if i not in chosen]
 
 
 def geometric_rerank(query: LocalFeatures, candidates: Sequence[tuple[int, LocalFeatures | None]],
@@ -189,5 +203,4 @@ def geometric_rerank(query: LocalFeatures, candidates: Sequence[tuple[int, Local
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify") as pool:
         results = list(pool.map(verify, [features for _, features in candidates]))
     hits = [RerankedHit(int(id_), rank, result) for rank, ((id_, _), result) in enumerate(zip(candidates, results))]
-    return [hits[i] for i in reorder([None if h.verification is None else h.verification.inliers for h in hits],
-                                     min_inliers)]
+    return [hits[i] for i in reorder([h.verification for h in hits], min_inliers)]

@@ -5,7 +5,7 @@ one to a search result (`rerank_result`).
                candidate, mutual nearest neighbours, RANSAC (OpenCV USAC); inliers re-order
                the shortlist (`netvlad.rerank.geometric`)
     patch      NetVLAD vectors of square patches of the model's own feature map, mutual nearest
-               neighbours and a spatial consistency score (`netvlad.rerank.patch`)
+               neighbours and RANSAC on the patch centres (`netvlad.rerank.patch`)
     aqe        α-weighted query expansion over the shortlist (`netvlad.rerank.expansion`)
 
 The first two need evidence stored at index time (`netvlad index --local-features sift|orb`,
@@ -63,6 +63,11 @@ def _points(points: np.ndarray) -> list[list[float]]:
     return np.round(np.asarray(points, np.float32)[:MAX_POINTS], 1).tolist()
 
 
+def _strength(verification: Verification, min_inliers: int) -> tuple[bool, int]:
+    """Which of two verifications of one candidate counts: a verified one, then more inliers."""
+    return verification.passes(min_inliers), verification.inliers
+
+
 def geometric_order(queries: Sequence[LocalFeatures], candidates: Sequence[tuple[int, LocalFeatures | None]],
                     min_inliers: int = MIN_INLIERS, budget_s: float | None = GEOMETRIC_BUDGET_S,
                     threads: int = 2, ratio: float | None = GEOMETRIC_RATIO) -> list[tuple[int, Rerank | None]]:
@@ -73,11 +78,11 @@ def geometric_order(queries: Sequence[LocalFeatures], candidates: Sequence[tuple
     for q, features in enumerate(queries):
         for hit in geometric_rerank(features, candidates, min_inliers, threads, budget_s, ratio=ratio):
             i, found = position[hit.id], hit.verification
-            if found is not None and (best[i] is None or found.inliers > best[i][1].inliers):
+            if found is not None and (best[i] is None or _strength(found, min_inliers) > _strength(best[i][1], min_inliers)):
                 best[i] = (q, found)
-    order = reorder([None if b is None else b[1].inliers for b in best], min_inliers)
+    order = reorder([None if b is None else b[1] for b in best], min_inliers)
     return [(int(candidates[i][0]), None if best[i] is None else Rerank(
-        "geometric", float(best[i][1].inliers), best[i][1].inliers >= min_inliers, best[i][0], best[i][1].model,
+        "geometric", float(best[i][1].inliers), best[i][1].passes(min_inliers), best[i][0], best[i][1].model,
         _original_size(queries[best[i][0]]), _points(best[i][1].points))) for i in order]
 
 
