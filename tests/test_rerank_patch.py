@@ -11,8 +11,8 @@ from PIL import Image
 import netvlad
 from netvlad.imageio import load_image
 from netvlad.rerank.patch import (
-    DEFAULT_MAX_PATCHES, PatchFeatures, PatchLevel, PatchPCA, extract_patch_features, fit_patch_pca, patch_rerank, patch_score,
-    patch_vlad_from_features, spatial_score, training_patches,
+    DEFAULT_MAX_PATCHES, DEFAULT_SIZES, DEFAULT_WEIGHTS, PatchFeatures, PatchLevel, PatchPCA, _weights, extract_patch_features,
+    fit_patch_pca, patch_inliers, patch_rerank, patch_score, patch_vlad_from_features, training_patches,
 )
 
 
@@ -154,25 +154,41 @@ def _layout(rng, n, shift, scramble):
     return query, candidate
 
 
-def test_spatial_scoring_rewards_a_consistent_shift():
+def test_ransac_keeps_consistently_shifted_patches():
     rng = np.random.default_rng(0)
     query, shifted = _layout(rng, 50, np.float32([12, -7]), scramble=False)
     _, scrambled = _layout(np.random.default_rng(0), 50, 0, scramble=True)
     consistent, random = patch_score(query, shifted), patch_score(query, scrambled)
-    assert consistent.score == pytest.approx(1.0)
-    assert len(consistent.points) == len(random.points) == 50
+    assert consistent.score == pytest.approx(1.0) and consistent.fractions == {3: 1.0}
+    assert len(consistent.points) == 50
     np.testing.assert_allclose(consistent.points[:, 2:] - consistent.points[:, :2], [[12, -7]] * 50, atol=1e-4)
-    assert random.score < 0.6
-    # by hand: displacements ±0.1 about their mean on x only → (1 − 0.1)² + 1 per match, /2
-    assert spatial_score(np.zeros((2, 2)), np.array([[0.1, 0.0], [-0.1, 0.0]]), 2) == pytest.approx((0.81 + 1) / 2)
-    assert spatial_score(np.zeros((2, 2)), np.array([[0.1, 0.0], [-0.1, 0.0]]), 4) == pytest.approx((0.81 + 1) / 4)
+    assert random.score < 0.2 and len(random.points) < 10  # 50 mutual matches, scattered
+    # a threshold of 1.5 cells: the query's one 3-cell level spans a 100-px image in 50 + 3 − 1 cells
+    xy = rng.uniform(0, 100, (20, 2)).astype(np.float32)
+    moved = xy + [3, 0]
+    moved[:5] += [0, 3.5]  # 3.5 px off the common shift: beyond 1.5 · 100/52 ≈ 2.9 px
+    assert patch_inliers(xy, moved, 1.5 * 100 / 52).tolist() == [False] * 5 + [True] * 15
+    assert not patch_inliers(xy[:2], moved[:2], 3.0).any()  # two matches always fit: no evidence
+    # scale and rotation are part of the model: a view zoomed by 1.2 and turned by 5° keeps all
+    turn = np.deg2rad(5)
+    zoomed = 1.2 * xy @ np.float32([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]]).T + [10, 4]
+    assert patch_inliers(xy, zoomed.astype(np.float32), 1.0).all()
 
 
-def test_rerank_orders_by_score_and_keeps_unscored_after():
+def test_rerank_standardises_each_size_over_the_shortlist():
     rng = np.random.default_rng(3)
     query, good = _layout(rng, 40, np.float32([5, 5]), scramble=False)
     _, bad = _layout(np.random.default_rng(3), 40, 0, scramble=True)
     ranking = patch_rerank(query, [(7, None), (1, bad), (2, good), (9, None)])
-    assert ranking.ids == [2, 1, 7, 9]
-    assert ranking.matches[0].score == pytest.approx(1.0) and ranking.matches[2:] == [None, None]
-    assert ranking.matches[1].score == pytest.approx(patch_score(query, bad).score)
+    assert ranking.ids == [2, 1, 7, 9] and ranking.matches[2:] == [None, None]
+    # two candidates on one size: standardised to +1 and −1
+    assert [m.score for m in ranking.matches[:2]] == pytest.approx([1.0, -1.0])
+    assert ranking.matches[0].fractions == patch_score(query, good).fractions == {3: 1.0}
+    # the default weights are Patch-NetVLAD's, for the default sizes; equal for others
+    assert _weights(query, None) == {3: 1.0}
+    three = PatchFeatures((100, 100), [PatchLevel(s, (1, 1), query.levels[0].descriptors[:1], query.levels[0].centres[:1])
+                                       for s in DEFAULT_SIZES])
+    assert _weights(three, None) == DEFAULT_WEIGHTS == {2: 0.45, 4: 0.15, 6: 0.4}
+    # equal scores on a size (all candidates alike) contribute nothing, not a division by zero
+    same = patch_rerank(query, [(1, good), (2, good)])
+    assert same.ids == [1, 2] and [m.score for m in same.matches] == [0.0, 0.0]
