@@ -1,5 +1,5 @@
 """Patch-NetVLAD-style re-ranking (Hausler et al., CVPR 2021) from the model's own feature map
-(docs/design.md §8).
+(docs/reranking.md).
 
 - `patch_vlad`: NetVLAD vectors of every square patch of the feature map at a few sizes, all
   patches of one size from integral (cumulative) sums of the assignment-weighted features
@@ -17,11 +17,10 @@
   (4-point samples). On at most 64 coarse patch matches a homography took thousands of RANSAC
   iterations, 4 ms a fit and 600 ms a query at k = 50 on this project's 2-core CPU; the
   similarity takes 11 ms a query, and on val/ (160 queries, top 50) gave R@1 80.0 % against the
-  homography's 78.8 %. Their
-  faster "rapid spatial scoring" (consistency of the displacements alone) was measured and
-  dropped: on the val/ place set (160 queries, top 50, sizes weighted equally) it took R@1 to
-  71.2 % where RANSAC scoring gave 81.2 %; it rewarded far crops of the same scene, whose few
-  matches still agree on a shift.
+  homography's 78.8 %. Their faster "rapid spatial scoring" (consistency of the displacements
+  alone) was measured and dropped: on val/ (sizes weighted equally) it took R@1 to 71.2 % where
+  RANSAC scoring gave 81.2 %; it rewarded far crops of the same scene, whose few matches still
+  agree on a shift.
 
 Defaults, for the shipped ResNet18-layer3 model at long side 320 px (a 20×15 feature map, 16 px
 cells): patch sizes 2, 4, 6 cells (10 %, 20 %, 30 % of the long side: Patch-NetVLAD's 2, 5, 8 on
