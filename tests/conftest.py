@@ -44,3 +44,11 @@ def real_photos(photos_dir: Path) -> list[Path]:
     if not photos:
         pytest.fail(f"no photos in {photos_dir}")
     return photos
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory, real_photos: list[Path]) -> Path:
+    """The run's small place model file (`tests.service_support.small_model`), built on first use."""
+    from tests.service_support import small_model
+
+    return small_model(tmp_path_factory, real_photos)

@@ -9,19 +9,12 @@ import json
 import numpy as np
 import onnx
 import onnxruntime
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from netvlad.cli import app
 from netvlad.export import CONFIG_KEY, export_model
 from netvlad.modelfile import load_model
-from service_support import small_model
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos):
-    return small_model(tmp_path_factory, real_photos)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

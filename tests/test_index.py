@@ -26,7 +26,6 @@ from netvlad.indexfolder import MANIFEST, read_manifest
 from netvlad.imageio import walk_photos
 from netvlad.indexing import index_folder
 from netvlad.vectorindex import FLAT_LIMIT, IndexSpec, VectorIndex, choose_spec
-from tests.service_support import small_model
 
 N_PHOTOS = 6
 
@@ -51,11 +50,6 @@ def bomb_png() -> bytes:
     data[12:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
     return bytes(data)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos) -> Path:
-    return small_model(tmp_path_factory, real_photos)
 
 
 @pytest.fixture(scope="module")

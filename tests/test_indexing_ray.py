@@ -21,7 +21,6 @@ ray = pytest.importorskip("ray")
 from netvlad.index import Index  # noqa: E402
 from netvlad.indexing import index_folder  # noqa: E402
 from netvlad.indexing_ray import RayOptions  # noqa: E402
-from tests.service_support import small_model  # noqa: E402
 from tests.test_indexing_resume import indexed_count  # noqa: E402
 
 CLI = [sys.executable, "-m", "netvlad"]
@@ -34,11 +33,6 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos) -> Path:
-    return small_model(tmp_path_factory, real_photos)
 
 
 @pytest.fixture(scope="module")

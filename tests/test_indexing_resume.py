@@ -18,16 +18,10 @@ from PIL import Image
 import netvlad
 from netvlad.index import Index
 from netvlad.indexfolder import CATALOG, read_manifest
-from tests.service_support import small_model
 
 CROPS_PER_PHOTO = 4
 SOURCES = 10
 CLI = [sys.executable, "-m", "netvlad"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos) -> Path:
-    return small_model(tmp_path_factory, real_photos)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,9 @@ from PIL import Image
 from netvlad.errors import RerankUnavailableError
 from netvlad.index import Index
 from netvlad.rerank.expansion import alpha_qe
-from tests.service_support import small_model
 from tests.test_indexing_resume import indexed_count
 
 CLI = [sys.executable, "-m", "netvlad"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos) -> Path:
-    return small_model(tmp_path_factory, real_photos)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from server_process import ServiceProcess, search_burst_memory
-from service_support import small_model
 from tests.photo_support import large_png, shrunk_copies
 
 KEY = "hardening-key"
@@ -37,11 +36,6 @@ def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, real_photos) -> Path:
-    return small_model(tmp_path_factory, real_photos)
 
 
 @pytest.fixture(scope="module")
