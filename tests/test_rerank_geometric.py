@@ -17,7 +17,6 @@ from netvlad.rerank.evidence import FILE_NAME, EvidenceStore
 from netvlad.rerank.geometric import (MIN_INLIERS, Verification, geometric_rerank, mutual_nearest_neighbours, reorder,
                                       verify_pair)
 from netvlad.rerank.localfeatures import DESCRIPTOR_BYTES, LocalFeatures, extract_local_features, rootsift
-from netvlad.rerank.shortlist import _strength
 
 KINDS = ("sift", "orb")
 PHOTO = "sklearn-china.jpg"  # 640×427: analysed at max_side=480, so points map back by 1/0.75
@@ -159,7 +158,7 @@ def test_reorder_rule():
 def test_a_query_photo_that_verifies_beats_one_with_more_unverified_inliers():
     consistent, scattered = _verification(10, 12), _verification(12, 60)
     assert consistent.passes() and not scattered.passes()
-    assert _strength(consistent, MIN_INLIERS) > _strength(scattered, MIN_INLIERS)
+    assert consistent.strength() > scattered.strength()
 
 
 def test_time_budget_spent_keeps_the_global_order(features):

@@ -68,6 +68,11 @@ class Verification:
         return self.inliers >= min_inliers or (
             self.inliers >= MIN_CONSISTENT_INLIERS and self.inliers >= MIN_INLIER_FRACTION * self.matches)
 
+    def strength(self, min_inliers: int = MIN_INLIERS) -> tuple[bool, int]:
+        """Which of two verifications of one candidate counts (the larger): a verified one, then
+        more inliers."""
+        return self.passes(min_inliers), self.inliers
+
 
 @dataclass(eq=False)
 class RerankedHit:

@@ -63,11 +63,6 @@ def _points(points: np.ndarray) -> list[list[float]]:
     return np.round(np.asarray(points, np.float32)[:MAX_POINTS], 1).tolist()
 
 
-def _strength(verification: Verification, min_inliers: int) -> tuple[bool, int]:
-    """Which of two verifications of one candidate counts: a verified one, then more inliers."""
-    return verification.passes(min_inliers), verification.inliers
-
-
 def geometric_order(queries: Sequence[LocalFeatures], candidates: Sequence[tuple[int, LocalFeatures | None]],
                     min_inliers: int = MIN_INLIERS, budget_s: float | None = GEOMETRIC_BUDGET_S,
                     threads: int = 2, ratio: float | None = GEOMETRIC_RATIO) -> list[tuple[int, Rerank | None]]:
@@ -78,7 +73,7 @@ def geometric_order(queries: Sequence[LocalFeatures], candidates: Sequence[tuple
     for q, features in enumerate(queries):
         for hit in geometric_rerank(features, candidates, min_inliers, threads, budget_s, ratio=ratio):
             i, found = position[hit.id], hit.verification
-            if found is not None and (best[i] is None or _strength(found, min_inliers) > _strength(best[i][1], min_inliers)):
+            if found is not None and (best[i] is None or found.strength(min_inliers) > best[i][1].strength(min_inliers)):
                 best[i] = (q, found)
     order = reorder([None if b is None else b[1] for b in best], min_inliers)
     return [(int(candidates[i][0]), None if best[i] is None else Rerank(
