@@ -21,6 +21,7 @@ from netvlad.datasets.placeset import load_place_dataset
 from netvlad.evaluation import recall_of_rankings
 from netvlad.modelfile import load_model
 from netvlad.rerank.evaluate import database_evidence, global_rankings, rerank_rankings
+from netvlad.rerank.patch import GLOBAL_WEIGHT
 
 NS = (1, 5, 10)
 
@@ -50,18 +51,23 @@ def main() -> None:
     for method in methods:
         evidence = database_evidence(method, model, dataset.db_paths())
         print(f"  {method}: database evidence in {evidence.seconds:.0f} s, {evidence.bytes_per_photo:,.0f} bytes a photo")
-        for k in ks:
-            rankings, ms = rerank_rankings(evidence, model, dataset.q_paths(), db_desc, q_desc, k, max(NS))
-            recall = recall_of_rankings(rankings[:, : max(NS)], positives, len(db_desc), NS)["recall"]
-            rows.append((method, str(k), recall, ms, evidence.bytes_per_photo))
-            print(f"  {method} k={k}: R@1 {100 * recall[1]:.1f} %, {ms:.1f} ms/query", flush=True)
+        # patch: the default score (patches + global similarity) and Patch-NetVLAD's (patches alone)
+        variants = [(method, GLOBAL_WEIGHT)] + ([(f"{method} (patches alone)", 0.0)] if method == "patch" else [])
+        for name, weight in variants:
+            for k in ks:
+                rankings, ms = rerank_rankings(evidence, model, dataset.q_paths(), db_desc, q_desc, k, max(NS),
+                                               patch_global_weight=weight)
+                recall = recall_of_rankings(rankings[:, : max(NS)], positives, len(db_desc), NS)["recall"]
+                rows.append((name, str(k), recall, ms, evidence.bytes_per_photo))
+                print(f"  {name} k={k}: R@1 {100 * recall[1]:.1f} %, {ms:.1f} ms/query", flush=True)
 
     print("\n| method | k | R@1 | R@5 | R@10 | ms/query (extra) | stored bytes/photo |\n|---|---|---|---|---|---|---|")
     for method, k, recall, ms, size in rows:
         print(f"| {method} | {k} | " + " | ".join(f"{100 * recall[n]:.1f} %" for n in NS)
               + f" | {ms:.1f} | {size:,.0f} |")
     base = rows[0][2][1]
-    best = {m: max((r for r in rows if r[0] == m), key=lambda r: r[2][1]) for m in methods}
+    names = dict.fromkeys(row[0] for row in rows[1:])
+    best = {name: max((r for r in rows if r[0] == name), key=lambda r: r[2][1]) for name in names}
     for method, row in best.items():
         print(f"{method}: R@1 {100 * (row[2][1] - base):+.1f} points over global only (k={row[1]})")
 

@@ -147,7 +147,7 @@ class Index(IndexReader):
     def prepare_evidence(self, paths: Sequence[str]) -> None:
         """Before a folder run describes `paths`: learn the patch PCA (when patch descriptors are
         kept and it is not learned yet) on up to `PCA_PHOTOS` of them, spread over the run."""
-        if self.evidence.patch and self.evidence.pca(self.model) is None and paths:
+        if self.evidence.patch is not None and self.evidence.pca(self.model) is None and paths:
             step = max(1, len(paths) // PCA_PHOTOS)
             self.evidence.learn_pca(self.model, list(paths)[::step][:PCA_PHOTOS])
 

@@ -17,7 +17,9 @@ from PIL import Image
 
 from netvlad.errors import RerankUnavailableError
 from netvlad.index import Index
+from netvlad.rerank.evidence import EvidenceStore
 from netvlad.rerank.expansion import alpha_qe
+from netvlad.rerank.indexevidence import IndexEvidence
 from tests.test_indexing_resume import indexed_count
 
 CLI = [sys.executable, "-m", "netvlad"]
@@ -170,3 +172,19 @@ def test_eval_reports_reranked_recall_and_time(real_photos, model_path, tmp_path
     assert geometric["rerank_k"] == 10 and geometric["ms_per_query"] > 0 and geometric["evidence_bytes_per_photo"] > 1000
     # crops of the database's own photos: verification puts a positive first at least as often
     assert geometric["recall"]["1"] >= methods["model.pt"]["recall"]["1"]
+
+
+def test_patch_settings_are_stored_and_early_indexes_read_as_made(tmp_path):
+    fresh = IndexEvidence(tmp_path / "new", None)
+    (tmp_path / "new").mkdir()
+    fresh.enable(patch=True)
+    assert fresh.patch == {"pca": "patch-pca.npz", "side": 640, "sizes": [2, 5, 8]}
+    assert fresh.picture_side("patch") == 640 and fresh.picture_side("geometric") is None
+    fresh.close()
+    # an index whose patch settings predate the resolution and sizes: the model's own size, 2/4/6
+    store = EvidenceStore(tmp_path)
+    store.set_settings("patch", {"pca": "patch-pca.npz"})
+    early = IndexEvidence(tmp_path, store)
+    assert early.patch == {"pca": "patch-pca.npz", "side": None, "sizes": [2, 4, 6]}
+    assert early.picture_side("patch") is None
+    early.close()

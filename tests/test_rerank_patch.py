@@ -11,8 +11,9 @@ from PIL import Image
 import netvlad
 from netvlad.imageio import load_image
 from netvlad.rerank.patch import (
-    DEFAULT_MAX_PATCHES, DEFAULT_SIZES, DEFAULT_WEIGHTS, PatchFeatures, PatchLevel, PatchPCA, _weights, extract_patch_features,
-    fit_patch_pca, patch_inliers, patch_rerank, patch_score, patch_vlad_from_features, training_patches,
+    DEFAULT_MAX_PATCHES, DEFAULT_SIDE, DEFAULT_SIZES, QUERY_STRIDE, SIZE_WEIGHTS, PatchFeatures, PatchLevel, PatchPCA, _weights,
+    extract_patch_features, fit_patch_pca, patch_inliers, patch_rerank, patch_score, patch_vlad_from_features,
+    training_patches,
 )
 
 
@@ -70,8 +71,24 @@ def test_patch_counts_per_size_and_centres(model, pca, photos, database):
     with Image.open(photos[0]) as image:
         width, height = image.size
     assert dense.image_size == (width, height)
-    # 320-px long side → a 20×h feature map: (20 − s + 1) columns of patches of side s
-    assert [level.grid[1] for level in dense.levels] == [19, 17, 15]
+    # the patch pass runs at a 640-px long side → a 40×h feature map: (40 − s + 1) columns of s×s patches
+    assert DEFAULT_SIDE == 640 and DEFAULT_SIZES == (2, 5, 8)
+    assert [level.grid[1] for level in dense.levels] == [39, 36, 33]
+    assert dense.cell == pytest.approx(width / 40)
+    # side=None: the model's own input size (a 320-px long side for the shipped model, 20 columns)
+    own = extract_patch_features(model, photos[:1], pca, max_patches=None, side=None)[0]
+    assert model.preprocess.max_side == 320 and [level.grid[1] for level in own.levels] == [19, 16, 13]
+    assert own.cell == pytest.approx(width / 20)
+    # a query's stride of 2 cells: every other patch of the dense grid, same vectors
+    strided = extract_patch_features(model, photos[:1], pca, max_patches=None, stride=QUERY_STRIDE)[0]
+    assert QUERY_STRIDE == 2 and strided.cell == dense.cell
+    for full, every_other in zip(dense.levels, strided.levels):
+        rows, cols = full.grid
+        assert every_other.grid == ((rows + 1) // 2, (cols + 1) // 2)
+        keep = (np.arange(0, rows, 2)[:, None] * cols + np.arange(0, cols, 2)[None, :]).ravel()
+        np.testing.assert_allclose(every_other.centres, full.centres[keep], rtol=1e-5)
+        np.testing.assert_allclose(every_other.descriptors.astype(np.float32),
+                                   full.descriptors[keep].astype(np.float32), atol=2e-3)
     for full, kept in zip(dense.levels, capped.levels):
         assert len(full.descriptors) == full.grid[0] * full.grid[1]
         assert len(kept.descriptors) == kept.grid[0] * kept.grid[1] <= DEFAULT_MAX_PATCHES < len(full.descriptors)
@@ -112,16 +129,22 @@ def test_bytes_round_trip(database):
     feats = database[0]
     data = feats.to_bytes()
     patches = sum(len(level.descriptors) for level in feats.levels)
-    assert len(data) == 16 + 10 * len(feats.levels) + patches * (2 * DIM + 8)
+    assert len(data) == 20 + 10 * len(feats.levels) + patches * (2 * DIM + 8)
     back = PatchFeatures.from_bytes(data)
-    assert back.image_size == feats.image_size
+    assert back.image_size == feats.image_size and back.cell == pytest.approx(feats.cell)
     for a, b in zip(feats.levels, back.levels):
         assert (a.size, a.grid) == (b.size, b.grid)
         np.testing.assert_array_equal(a.descriptors, b.descriptors)
         np.testing.assert_array_equal(a.centres, b.centres)
-    for bad in (data[:-1], b"XXXX" + data[4:], data + b"\0"):
+    for bad in (data[:-1], b"XXXX" + data[4:], data + b"\0", data[:4] + b"\x09" + data[5:]):
         with pytest.raises(ValueError, match="not patch features"):
             PatchFeatures.from_bytes(bad)
+    # version 1 (written before the cell was stored): the cell comes from the first patch's centre,
+    # half a patch in from the left edge
+    first = feats.levels[0]
+    old = bytearray(data[:4]) + b"\x01" + data[5:16] + data[20:]
+    assert first.centres[0, 0] == pytest.approx(first.size / 2 * feats.cell, rel=1e-4)
+    assert PatchFeatures.from_bytes(bytes(old)).cell == pytest.approx(feats.cell, rel=1e-4)
 
 
 def test_warped_view_scores_above_other_photos(model, pca, photos, database):
@@ -149,8 +172,10 @@ def _layout(rng, n, shift, scramble):
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     xy = rng.uniform(0, 100, (n, 2)).astype(np.float32)
     moved = rng.uniform(0, 100, (n, 2)).astype(np.float32) if scramble else xy + shift
-    query = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc.astype(np.float16), xy)])
-    candidate = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc[::-1].astype(np.float16), moved[::-1].copy())])
+    cell = 100 / (n + 3 - 1)  # one row of n 3-cell patches across 100 px
+    query = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc.astype(np.float16), xy)], cell)
+    candidate = PatchFeatures((100, 100), [PatchLevel(3, (1, n), desc[::-1].astype(np.float16), moved[::-1].copy())],
+                              cell)
     return query, candidate
 
 
@@ -184,11 +209,28 @@ def test_rerank_standardises_each_size_over_the_shortlist():
     # two candidates on one size: standardised to +1 and −1
     assert [m.score for m in ranking.matches[:2]] == pytest.approx([1.0, -1.0])
     assert ranking.matches[0].fractions == patch_score(query, good).fractions == {3: 1.0}
-    # the default weights are Patch-NetVLAD's, for the default sizes; equal for others
+    # the default weights are Patch-NetVLAD's for three sizes, smallest first; equal for other counts; sum 1
     assert _weights(query, None) == {3: 1.0}
     three = PatchFeatures((100, 100), [PatchLevel(s, (1, 1), query.levels[0].descriptors[:1], query.levels[0].centres[:1])
-                                       for s in DEFAULT_SIZES])
-    assert _weights(three, None) == DEFAULT_WEIGHTS == {2: 0.45, 4: 0.15, 6: 0.4}
+                                       for s in (8, 2, 5)], 1.0)
+    assert _weights(three, None) == dict(zip((2, 5, 8), SIZE_WEIGHTS)) == {2: 0.45, 5: 0.15, 8: 0.4}
+    assert _weights(three, {2: 2, 5: 2}) == {2: 0.5, 5: 0.5, 8: 0.0}
     # equal scores on a size (all candidates alike) contribute nothing, not a division by zero
     same = patch_rerank(query, [(1, good), (2, good)])
     assert same.ids == [1, 2] and [m.score for m in same.matches] == [0.0, 0.0]
+
+
+def test_rerank_adds_the_standardised_global_similarity():
+    rng = np.random.default_rng(4)
+    query, good = _layout(rng, 40, np.float32([5, 5]), scramble=False)
+    _, bad = _layout(np.random.default_rng(4), 40, 0, scramble=True)
+    candidates = [(1, bad), (7, None), (2, good)]
+    # patches: good +1, bad −1; global similarities standardise to bad +1, good −1 (the photo
+    # without features is left out of both); the scale of the similarities does not matter
+    for sims in ([0.9, 0.0, 0.5], [0.31, 0.99, 0.30]):
+        alone = patch_rerank(query, candidates, global_scores=sims, global_weight=0.0)
+        assert alone.ids == [2, 1, 7] and [m.score for m in alone.matches[:2]] == pytest.approx([1, -1])
+        even = patch_rerank(query, candidates, global_scores=sims)  # weight 1: a tie
+        assert [m.score for m in even.matches[:2]] == pytest.approx([0, 0], abs=1e-12) and even.ids[2] == 7
+        heavier = patch_rerank(query, candidates, global_scores=sims, global_weight=2.0)
+        assert heavier.ids == [1, 2, 7] and [m.score for m in heavier.matches[:2]] == pytest.approx([1, -1])

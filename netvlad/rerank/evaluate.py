@@ -25,7 +25,9 @@ from netvlad.evaluation import DEFAULT_NS, recall_of_rankings
 from netvlad.imageio import load_image
 from netvlad.rerank.indexevidence import MAX_KEYPOINTS, MAX_SIDE, PCA_PHOTOS, THREADS
 from netvlad.rerank.localfeatures import extract_local_features
-from netvlad.rerank.patch import PatchPCA, extract_patch_features, fit_patch_pca, training_patches
+from netvlad.rerank.patch import (
+    GLOBAL_WEIGHT, QUERY_STRIDE, PatchPCA, extract_patch_features, fit_patch_pca, training_patches,
+)
 from netvlad.rerank.shortlist import DEFAULT_RERANK_K, aqe_order, check_method, geometric_order, patch_order
 
 
@@ -79,9 +81,11 @@ def database_evidence(method: str, model, paths: Sequence[Path], local_kind: str
 
 def rerank_rankings(evidence: DatabaseEvidence, model, q_paths: Sequence[Path], db_desc: np.ndarray,
                     q_desc: np.ndarray, k: int = DEFAULT_RERANK_K, depth: int = max(DEFAULT_NS),
-                    local_kind: str = "sift", progress: bool = False) -> tuple[np.ndarray, float]:
+                    local_kind: str = "sift", progress: bool = False, patch_global_weight: float = GLOBAL_WEIGHT
+                    ) -> tuple[np.ndarray, float]:
     """Rankings (Nq, max(k, depth)) after re-ranking each query's top `k` of the exact global
-    ranking by `evidence.method`, and the mean ms per query (query evidence + re-ranking)."""
+    ranking by `evidence.method`, and the mean ms per query (query evidence + re-ranking).
+    `patch_global_weight`: the global similarity's weight in patch scores (0: patches alone)."""
     method, stored = evidence.method, evidence.stored
     top = global_rankings(db_desc, q_desc, max(k, depth))
     reranked, seconds = np.array(top), 0.0
@@ -92,8 +96,9 @@ def rerank_rankings(evidence: DatabaseEvidence, model, q_paths: Sequence[Path], 
             query = extract_local_features(load_image(q_paths[qi]), local_kind, MAX_KEYPOINTS, MAX_SIDE)
             order = geometric_order([query], [(int(i), stored[i]) for i in ids], budget_s=None)
         elif method == "patch":
-            query = extract_patch_features(model, [q_paths[qi]], evidence.pca, max_patches=None)
-            order = patch_order(query, [(int(i), stored[i]) for i in ids])
+            query = extract_patch_features(model, [q_paths[qi]], evidence.pca, max_patches=None, stride=QUERY_STRIDE)
+            order = patch_order(query, [(int(i), stored[i]) for i in ids], db_desc[ids] @ q_desc[qi],
+                                patch_global_weight)
         elif method == "aqe":
             order = aqe_order(q_desc[qi : qi + 1], ids, db_desc[ids], "mean")
         else:

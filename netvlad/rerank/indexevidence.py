@@ -28,7 +28,10 @@ from netvlad.exif import read_photo_info
 from netvlad.imageio import DEFAULT_MAX_PIXELS, load_image
 from netvlad.rerank.evidence import EvidenceStore
 from netvlad.rerank.localfeatures import LOCAL_KINDS, LocalFeatures, extract_local_features
-from netvlad.rerank.patch import PatchFeatures, PatchPCA, extract_patch_features, fit_patch_pca, training_patches
+from netvlad.rerank.patch import (
+    DEFAULT_MAX_PATCHES, DEFAULT_SIDE, DEFAULT_SIZES, QUERY_STRIDE, PatchFeatures, PatchPCA, extract_patch_features,
+    fit_patch_pca, training_patches,
+)
 from netvlad.rerank.shortlist import RERANK_METHODS
 from netvlad.storage import atomic_path
 
@@ -38,6 +41,9 @@ PATCH = "patch"
 PATCH_PCA = "patch-pca.npz"
 #: Photos whose patches the patch PCA is learned on (the first ones indexed).
 PCA_PHOTOS = 100
+#: Patch settings of indexes written before they were stored: the patch pass at the model's own
+#: input size (side None), patch sizes of 2, 4 and 6 cells.
+EARLY_PATCH_SETTINGS = {"side": None, "sizes": [2, 4, 6]}
 #: Keypoints kept per photo and the long side (pixels) local features are found at.
 MAX_KEYPOINTS = 1000
 MAX_SIDE = 640
@@ -77,9 +83,18 @@ class IndexEvidence:
         return None
 
     @property
-    def patch(self) -> bool:
-        """Whether patch descriptors are kept."""
-        return self.store is not None and self.store.settings(PATCH) is not None
+    def patch(self) -> dict | None:
+        """{"side", "sizes"} of the patch descriptors kept (`extract_patch_features`), None without."""
+        settings = self.store.settings(PATCH) if self.store is not None else None
+        return None if settings is None else {**EARLY_PATCH_SETTINGS, **settings}
+
+    def picture_side(self, method: str) -> int | None:
+        """Long side (pixels) a query picture needs for `method`'s evidence (None: any)."""
+        if method == "geometric" and self.local is not None:
+            return self.local["max_side"]
+        if method == PATCH and self.patch is not None:
+            return self.patch["side"]
+        return None
 
     def kinds(self) -> list[str]:
         """The evidence kinds kept: the local feature kind and/or ``patch``."""
@@ -88,7 +103,7 @@ class IndexEvidence:
 
     def methods(self) -> list[str]:
         """The re-rankings this index can serve (`netvlad.rerank.shortlist.RERANK_METHODS`)."""
-        kept = {"geometric": self.local is not None, PATCH: self.patch}
+        kept = {"geometric": self.local is not None, PATCH: self.patch is not None}
         return [m for m in RERANK_METHODS if kept.get(m, True)]
 
     def require(self, method: str) -> None:
@@ -115,7 +130,7 @@ class IndexEvidence:
         if local is not None and current is None:
             self.store.set_settings(local, {"max_keypoints": int(max_keypoints), "max_side": MAX_SIDE})
         if patch and not self.patch:
-            self.store.set_settings(PATCH, {"pca": PATCH_PCA})
+            self.store.set_settings(PATCH, {"pca": PATCH_PCA, "side": DEFAULT_SIDE, "sizes": list(DEFAULT_SIZES)})
 
     # ------------------------------------------------------------------------------ extracting
 
@@ -140,10 +155,26 @@ class IndexEvidence:
                 raise IndexStoreError(f"{self.directory / PATCH_PCA} was learned for another model")
         return self._pca
 
+    def patch_features(self, model, images: Sequence, query: bool = False, amp: bool | None = None
+                       ) -> list[PatchFeatures]:
+        """`extract_patch_features` of pictures at the kept settings, reduced by the index's PCA
+        (learned from them when it has none yet): as stored (a sub-grid of each size) or, for
+        `query` pictures, every patch at `QUERY_STRIDE`."""
+        kept = self.patch
+        if kept is None:
+            raise RerankUnavailableError("this index keeps no patch descriptors")
+        pca = self.pca(model)
+        if pca is None and query:
+            raise RerankUnavailableError("this index has not learned its patch PCA yet: index some photos first")
+        pca = pca or self.learn_pca(model, images)
+        max_patches, stride = (None, QUERY_STRIDE) if query else (DEFAULT_MAX_PATCHES, 1)
+        return extract_patch_features(model, images, pca, kept["sizes"], max_patches, amp=amp, side=kept["side"],
+                                      stride=stride)
+
     def learn_pca(self, model, images: Sequence) -> PatchPCA:
         """Learn and save the patch PCA from the patches of up to `PCA_PHOTOS` of `images`."""
         sample = list(images)[:PCA_PHOTOS]
-        raw = training_patches(model, sample)
+        raw = training_patches(model, sample, self.patch["sizes"], side=self.patch["side"])
         pca = fit_patch_pca(raw, dim=min(128, len(raw) - 1))
         with atomic_path(self.directory / PATCH_PCA) as tmp:
             pca.save(tmp)
@@ -162,10 +193,8 @@ class IndexEvidence:
         if local is not None:
             with ThreadPoolExecutor(THREADS, thread_name_prefix="local-features") as pool:
                 out[local["kind"]] = [f.to_bytes() for f in pool.map(lambda p: self.local_features(*p), pictures)]
-        if self.patch:
-            images = [image for image, _ in pictures]
-            pca = self.pca(model) or self.learn_pca(model, images)
-            features = extract_patch_features(model, images, pca, amp=amp)
+        if self.patch is not None:
+            features = self.patch_features(model, [image for image, _ in pictures], amp=amp)
             out[PATCH] = [_at_full_size(f, full).to_bytes() for f, (_, full) in zip(features, pictures)]
         return out
 
@@ -173,7 +202,7 @@ class IndexEvidence:
                       amp: bool | None = None) -> dict[str, dict[int, bytes]]:
         """kind → {id: bytes} for photos (id, file path); a photo that no longer decodes is left
         out with a warning (its descriptor step records the failure)."""
-        reduce_to = max(MAX_SIDE, model.preprocess.reduce_to or 0)
+        reduce_to = max(MAX_SIDE, (self.patch or {}).get("side") or 0, model.preprocess.reduce_to or 0)
 
         def load(item):
             image_id, path = item
@@ -220,7 +249,9 @@ class IndexEvidence:
         return {} if local is None else {i: LocalFeatures.from_bytes(b) for i, b in self.store.get(local["kind"], ids).items()}
 
     def patches_of(self, ids: Sequence[int]) -> dict[int, PatchFeatures]:
-        return {i: PatchFeatures.from_bytes(b) for i, b in self.store.get(PATCH, ids).items()} if self.patch else {}
+        if self.patch is None:
+            return {}
+        return {i: PatchFeatures.from_bytes(b) for i, b in self.store.get(PATCH, ids).items()}
 
     def bytes_per_photo(self) -> dict[str, float]:
         """Mean stored bytes of one photo's evidence, per kind kept."""
@@ -235,4 +266,5 @@ def _at_full_size(features: PatchFeatures, full_size: tuple[int, int] | None) ->
     for level in features.levels:
         level.centres = level.centres * factor
     features.image_size = (int(full_size[0]), int(full_size[1]))
+    features.cell *= float(factor[0])
     return features

@@ -22,16 +22,19 @@
   RANSAC scoring gave 81.2 %; it rewarded far crops of the same scene, whose few matches still
   agree on a shift.
 
-Defaults, for the shipped ResNet18-layer3 model at long side 320 px (a 20×15 feature map, 16 px
-cells): patch sizes 2, 4, 6 cells (10 %, 20 %, 30 % of the long side: Patch-NetVLAD's 2, 5, 8 on
-its 40×30 map, with a 1-cell patch — a single local feature — replaced by 2 cells); 128 PCA
-dimensions, whitened; at most 64 patches of each size stored per database photo (an evenly
-spaced sub-grid). Stored: at most 3 × 64 × (128 × 2 + 8) bytes ≈ 51 KB a photo, about 44 KB for
-4:3 and 16:9 photos (their sub-grids keep 50–60 patches a size).
+Defaults, Patch-NetVLAD's own: the patch pass runs on the photo resized to a 640-px long side
+(its 640×480 input; the global descriptor keeps the model's own input size), which gives the
+stride-16 backbones a 40×30 feature map; patch sizes 2, 5 and 8 cells weighted 0.45, 0.15 and
+0.4. One addition, measured (docs/reranking.md): the final score adds the candidate's global
+similarity, standardised over the shortlist like each size (`GLOBAL_WEIGHT`; 0 gives the
+authors' ranking by patches alone). 128 PCA dimensions, whitened; at most 64 patches of each
+size stored per database photo (an evenly spaced sub-grid): ≈ 3 × 60 × (128 × 2 + 8) bytes ≈
+43 KB a photo.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,10 +56,16 @@ from netvlad.pooling import NetVLAD
 if TYPE_CHECKING:
     from netvlad.model import NetVLADModel
 
-#: Patch sides in feature-map cells (see the module docstring).
-DEFAULT_SIZES = (2, 4, 6)
-#: Weight of each size's score: Patch-NetVLAD's published weights for its sizes 2, 5, 8.
-DEFAULT_WEIGHTS = {2: 0.45, 4: 0.15, 6: 0.4}
+#: Long side (pixels) of the patch pass's input: Patch-NetVLAD's 640×480 (a 40×30 feature map).
+DEFAULT_SIDE = 640
+#: Patch sides in feature-map cells: Patch-NetVLAD's.
+DEFAULT_SIZES = (2, 5, 8)
+#: Weights of the smallest, middle and largest of three patch sizes: Patch-NetVLAD's published
+#: 0.45, 0.15, 0.4 (for its sizes 2, 5, 8). Other numbers of sizes are weighted equally.
+SIZE_WEIGHTS = (0.45, 0.15, 0.4)
+#: Weight of the global similarity in a candidate's score, against 1 for the patch sizes together
+#: (both standardised over the shortlist); 0: Patch-NetVLAD's ranking by patches alone.
+GLOBAL_WEIGHT = 1.0
 #: RANSAC threshold on matched patch centres, in the query's feature-map cells (Patch-NetVLAD: 1.5).
 RANSAC_CELLS = 1.5
 RANSAC_ITERS = 2000
@@ -65,12 +74,17 @@ RANSAC_CONFIDENCE = 0.99
 DEFAULT_DIM = 128
 #: Patches of one size kept per database photo (queries keep all of them: `max_patches=None`).
 DEFAULT_MAX_PATCHES = 64
+#: Queries keep the patches at every other cell in each direction (a quarter of them; the
+#: database keeps a sparser sub-grid): 4× less work for the query's patch pass and matching.
+QUERY_STRIDE = 2
 #: Elements of the (b, K, D, H, W) integral tensor computed at once (256 MB in float32).
 INTEGRAL_BUDGET = 64 << 20
 
 _MAGIC = b"NVPF"
-_VERSION = 1
-_HEADER = struct.Struct("<4sBBHII")  # magic, version, levels, dim, width, height
+_VERSION = 2
+_START = struct.Struct("<4sB")  # magic, version
+_HEADERS = {1: struct.Struct("<4sBBHII"),  # magic, version, levels, dim, width, height
+            2: struct.Struct("<4sBBHIIf")}  # … and the feature-map cell in pixels
 _LEVEL = struct.Struct("<HHHI")  # patch size, grid rows, grid columns, patches
 
 
@@ -79,9 +93,8 @@ _LEVEL = struct.Struct("<HHHI")  # patch size, grid rows, grid columns, patches
 def _box_sums(integral: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """Sums over every size×size window (stride `stride`) from an integral tensor (…, H+1, W+1)
     → (…, gh, gw)."""
-    s = size
-    box = integral[..., s:, s:] - integral[..., :-s, s:] - integral[..., s:, :-s] + integral[..., :-s, :-s]
-    return box[..., ::stride, ::stride]
+    end, start = slice(size, None, stride), slice(None, -size, stride)  # the windows' far and near edges
+    return integral[..., end, end] - integral[..., start, end] - integral[..., end, start] + integral[..., start, start]
 
 
 def patch_vlad_from_features(pool: NetVLAD, features: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES,
@@ -111,15 +124,17 @@ def patch_vlad_from_features(pool: NetVLAD, features: torch.Tensor, sizes: Seque
 
 
 def patch_vlad(model: NetVLADModel, images: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES, stride: int = 1,
-               amp: bool | None = None) -> list[torch.Tensor]:
-    """Preprocessed images (B, 3, H, W) → per size, (B, gh, gw, K·D) float32 patch NetVLAD vectors
-    (`patch_vlad_from_features` on the model's feature map; backbone under autocast with `amp`,
-    default on CUDA; pooling in float32). Run it under `torch.inference_mode()`."""
+               amp: bool | None = None) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """Preprocessed images (B, 3, H, W) → (per size, (B, gh, gw, K·D) float32 patch NetVLAD vectors
+    at `stride` cells; the feature map's (h, w)): `patch_vlad_from_features` on the model's feature
+    map, backbone under autocast with `amp` (default on CUDA), pooling in float32. Run it under
+    `torch.inference_mode()`."""
     device = model.device
     images = images.to(device)
     with torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda" if amp is None else amp):
         features = model.backbone(images)
-    return patch_vlad_from_features(model.pool, model.local_norm(features.float()), sizes, stride)
+    per_size = patch_vlad_from_features(model.pool, model.local_norm(features.float()), sizes, stride)
+    return per_size, (features.shape[-2], features.shape[-1])
 
 
 # ---------------------------------------------------------------------------------- PCA
@@ -203,10 +218,12 @@ class PatchLevel:
 @dataclass
 class PatchFeatures:
     """One photo's patch evidence: `image_size` (width, height) in original pixels, one `PatchLevel`
-    per patch size."""
+    per patch size, and `cell`: one feature-map cell in those pixels (what RANSAC thresholds are
+    measured in)."""
 
     image_size: tuple[int, int]
     levels: list[PatchLevel]
+    cell: float
 
     @property
     def dim(self) -> int:
@@ -215,7 +232,7 @@ class PatchFeatures:
     def to_bytes(self) -> bytes:
         """Compact little-endian bytes: a header, one record per level, then float16 descriptors
         and float32 centres of each level (≈ 2·dim + 8 bytes a patch)."""
-        parts = [_HEADER.pack(_MAGIC, _VERSION, len(self.levels), self.dim, *self.image_size)]
+        parts = [_HEADERS[_VERSION].pack(_MAGIC, _VERSION, len(self.levels), self.dim, *self.image_size, self.cell)]
         parts += [_LEVEL.pack(lv.size, *lv.grid, len(lv.descriptors)) for lv in self.levels]
         for lv in self.levels:
             parts += [np.ascontiguousarray(lv.descriptors, "<f2").tobytes(),
@@ -224,14 +241,18 @@ class PatchFeatures:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PatchFeatures":
-        """Inverse of `to_bytes`; `ValueError` on anything else."""
+        """Inverse of `to_bytes`, also of version 1 (written without `cell`: stored photos kept
+        their full grid's first patch at column 0, half a patch from the edge); `ValueError` on
+        anything else."""
         view = memoryview(data)
         try:
-            magic, version, count, dim, width, height = _HEADER.unpack_from(view)
-            if magic != _MAGIC or version != _VERSION:
+            magic, version = _START.unpack_from(view)
+            if magic != _MAGIC or version not in _HEADERS:
                 raise ValueError(f"magic {bytes(magic)!r} version {version}")
-            heads = [_LEVEL.unpack_from(view, _HEADER.size + i * _LEVEL.size) for i in range(count)]
-            offset = _HEADER.size + count * _LEVEL.size
+            header = _HEADERS[version]
+            magic, version, count, dim, width, height, *cell = header.unpack_from(view)
+            heads = [_LEVEL.unpack_from(view, header.size + i * _LEVEL.size) for i in range(count)]
+            offset = header.size + count * _LEVEL.size
             levels = []
             for size, rows, cols, n in heads:
                 if n != rows * cols:
@@ -244,14 +265,18 @@ class PatchFeatures:
             if offset != len(view):
                 raise ValueError(f"{len(view) - offset} trailing bytes")
         except (struct.error, ValueError) as exc:
-            raise ValueError(f"not patch features of format version {_VERSION} ({exc})") from None
-        return cls((width, height), levels)
+            raise ValueError(f"not patch features of format version 1 or {_VERSION} ({exc})") from None
+        if not cell:  # version 1
+            cell = [2 * float(levels[0].centres[0, 0]) / levels[0].size if levels and len(levels[0].centres) else 1.0]
+        return cls((width, height), levels, cell[0])
 
 
 def _displayed_size(source: Source) -> tuple[int, int] | None:
     """(width, height) of a photo as displayed (EXIF orientation applied); None when unknown."""
     if isinstance(source, torch.Tensor):
         return source.shape[-1], source.shape[-2]
+    if isinstance(source, np.ndarray):  # (H, W, 3) pixels
+        return source.shape[1], source.shape[0]
     if isinstance(source, Image.Image):
         swap = source.getexif().get(ORIENTATION_TAG) in TRANSPOSED_ORIENTATIONS
         return (source.height, source.width) if swap else source.size
@@ -272,11 +297,15 @@ def _sub_grid(rows: int, cols: int, cap: int | None) -> tuple[np.ndarray, np.nda
 
 
 def _raw_levels(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[int], max_patches: int | None,
-                batch_size: int, amp: bool | None) -> Iterator[tuple[int, tuple[int, int], list[tuple]]]:
+                batch_size: int, amp: bool | None, side: int | None, stride: int = 1
+                ) -> Iterator[tuple[int, tuple[int, int], float, list[tuple]]]:
     """Per photo, batch after batch (grouped by shape, so not in input order): (its position,
-    displayed size, [(patch size, kept grid, raw (P, K·D) float32 tensor, centres (P, 2))]).
-    The raw vectors are views of the batch's: consume them before asking for the next batch."""
-    tensors = load_tensors(list(images), model.preprocess)
+    displayed size, one feature-map cell in its pixels, [(patch size, kept grid, raw (P, K·D)
+    float32 tensor, centres (P, 2))]), the photo resized to a `side`-px long side (None: the
+    model's own input size), patches every `stride` cells. The raw vectors are views of the
+    batch's: consume them before asking for the next batch."""
+    preprocess = model.preprocess if side is None else dataclasses.replace(model.preprocess, max_side=side, size=None)
+    tensors = load_tensors(list(images), preprocess)
     k, d = model.pool.num_clusters, model.pool.dim
     with evaluating(model), torch.inference_mode():
         for group in group_by_shape(tensors):
@@ -285,46 +314,52 @@ def _raw_levels(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[i
             for start in range(0, len(group), step):
                 chunk = group[start : start + step]
                 batch = torch.stack([tensors[i] for i in chunk])
-                per_size = patch_vlad(model, batch, sizes, amp=amp)
+                per_size, (feat_h, feat_w) = patch_vlad(model, batch, sizes, stride, amp=amp)
                 for j, i in enumerate(chunk):
                     width, height = _displayed_size(images[i]) or (batch.shape[-1], batch.shape[-2])
                     levels = []
                     for s, grid in zip(sizes, per_size):
-                        feat_h, feat_w = grid.shape[1] + s - 1, grid.shape[2] + s - 1
                         rows, cols = _sub_grid(grid.shape[1], grid.shape[2], max_patches)
-                        raw = grid[j][rows][:, cols].reshape(-1, k * d)
-                        ys, xs = np.meshgrid(rows + s / 2, cols + s / 2, indexing="ij")
+                        every = len(rows) == grid.shape[1] and len(cols) == grid.shape[2]
+                        raw = (grid[j] if every else grid[j][rows][:, cols]).reshape(-1, k * d)
+                        ys, xs = np.meshgrid(rows * stride + s / 2, cols * stride + s / 2, indexing="ij")
                         centres = np.stack([xs.ravel() * width / feat_w, ys.ravel() * height / feat_h], axis=1)
                         levels.append((s, (len(rows), len(cols)), raw, centres.astype(np.float32)))
-                    yield i, (width, height), levels
+                    yield i, (width, height), width / feat_w, levels
 
 
 def extract_patch_features(model: NetVLADModel, images: Sequence[Source], pca: PatchPCA,
                            sizes: Sequence[int] = DEFAULT_SIZES, max_patches: int | None = DEFAULT_MAX_PATCHES,
-                           batch_size: int = 8, amp: bool | None = None) -> list[PatchFeatures]:
-    """`PatchFeatures` of photos (paths, bytes, PIL images) or preprocessed (3, H, W) tensors, in
-    input order: preprocessed as the model's `preprocess` says, photos of one shape batched
-    `batch_size` at a time (fewer when the integral tensor would pass `INTEGRAL_BUDGET`), at most
-    `max_patches` of each size kept (None: all, for queries). Centres are in the photo's displayed
-    pixels (in the network input's for file objects, whose size is not read). Raises `ImageError`."""
+                           batch_size: int = 8, amp: bool | None = None, side: int | None = DEFAULT_SIDE,
+                           stride: int = 1) -> list[PatchFeatures]:
+    """`PatchFeatures` of photos (paths, bytes, PIL images, (H, W, 3) uint8 arrays), in input
+    order: resized to a `side`-px long side (None: the model's own input size) and normalised as
+    the model's `preprocess` says (preprocessed (3, H, W) tensors are taken as they are); photos
+    of one shape batched `batch_size` at a time (fewer when the integral tensor would pass
+    `INTEGRAL_BUDGET`); the patches every `stride` cells, at most `max_patches` of each size kept
+    (None: all; queries take all at `QUERY_STRIDE`). Centres are in the photo's displayed pixels
+    (in the network input's for file objects, whose size is not read). Raises `ImageError`."""
     if pca.input_dim != model.pool.output_dim:
         raise ValueError(f"patch PCA expects {pca.input_dim}-dim patch vectors, this model gives "
                          f"{model.pool.output_dim}: it was learned for another model")
     features: list = [None] * len(images)
-    for i, image_size, raw_levels in _raw_levels(model, images, sizes, max_patches, batch_size, amp):
+    for i, image_size, cell, raw_levels in _raw_levels(model, images, sizes, max_patches, batch_size, amp, side,
+                                                       stride):
         levels = [PatchLevel(s, grid, pca.transform(raw).astype(np.float16), centres)
                   for s, grid, raw, centres in raw_levels]
-        features[i] = PatchFeatures(image_size, levels)
+        features[i] = PatchFeatures(image_size, levels, cell)
     return features
 
 
 def training_patches(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[int] = DEFAULT_SIZES,
-                     per_image: int = 64, seed: int = 0, batch_size: int = 8) -> np.ndarray:
+                     per_image: int = 64, seed: int = 0, batch_size: int = 8, side: int | None = DEFAULT_SIDE
+                     ) -> np.ndarray:
     """Raw patch vectors (N, K·D) float32 for `fit_patch_pca`: up to `per_image` patches of each
-    photo, drawn at random (seeded) from all its sizes."""
+    photo (at a `side`-px long side, as `extract_patch_features`), drawn at random (seeded) from all
+    its sizes."""
     rng = np.random.default_rng(seed)
     parts = []
-    for _, _, raw_levels in _raw_levels(model, images, sizes, None, batch_size, None):
+    for _, _, _, raw_levels in _raw_levels(model, images, sizes, None, batch_size, None, side):
         raw = torch.cat([level[2] for level in raw_levels]).numpy()
         parts.append(raw[np.sort(rng.choice(len(raw), min(per_image, len(raw)), replace=False))])
     return np.concatenate(parts) if parts else np.zeros((0, model.pool.output_dim), np.float32)
@@ -334,9 +369,11 @@ def training_patches(model: NetVLADModel, images: Sequence[Source], sizes: Seque
 
 class PatchMatch(NamedTuple):
     """How well a candidate's patches match the query's. `fractions`: per patch size both have, the
-    RANSAC inliers among the mutual matches over the query's patches of that size (in [0, 1]).
+    RANSAC inliers among the mutual matches over the most there can be (the fewer patches of that
+    size of the two: a stored photo keeps a sub-grid, a query all of them), in [0, 1].
     `score`: their weighted mean (`patch_score`, in [0, 1]) or, from `patch_rerank`, the
-    shortlist-relative score it orders by. `points` (m, 4) float32: the inlier patch centres
+    shortlist-relative score it orders by (standardised fractions, plus the global similarity's
+    share). `points` (m, 4) float32: the inlier patch centres
     (x_q, y_q, x_c, y_c) in original-image pixels, all sizes together."""
 
     score: float
@@ -385,18 +422,18 @@ def patch_inliers(query_xy: np.ndarray, candidate_xy: np.ndarray, threshold: flo
     return np.zeros(len(query_xy), bool) if mask is None else mask.ravel().astype(bool)
 
 
-def _cell(features: PatchFeatures, level: PatchLevel) -> float:
-    """One feature-map cell of `level`'s map, in `features`' pixels (from its full grid: queries
-    keep all patches)."""
-    return features.image_size[0] / (level.grid[1] + level.size - 1)
-
-
 def _weights(query: PatchFeatures, weights: Mapping[int, float] | None) -> dict[int, float]:
-    """Weight per patch size: as given; else `DEFAULT_WEIGHTS` for the default sizes, equal otherwise."""
-    sizes = [level.size for level in query.levels]
+    """Weight per patch size of `query`, summing to 1: `weights` as given (rescaled); else
+    `SIZE_WEIGHTS` for three sizes, smallest first, and equal weights for other numbers of sizes."""
+    sizes = sorted(level.size for level in query.levels)
     if weights is not None:
-        return {s: float(weights.get(s, 0.0)) for s in sizes}
-    return dict(DEFAULT_WEIGHTS) if sorted(sizes) == sorted(DEFAULT_WEIGHTS) else {s: 1.0 for s in sizes}
+        chosen = {s: float(weights.get(s, 0.0)) for s in sizes}
+    elif len(sizes) == len(SIZE_WEIGHTS):
+        chosen = dict(zip(sizes, SIZE_WEIGHTS))
+    else:
+        chosen = {s: 1.0 for s in sizes}
+    total = sum(chosen.values())
+    return {s: w / total for s, w in chosen.items()} if total > 0 else chosen
 
 
 def _match_many(query: PatchFeatures, candidates: Sequence[PatchFeatures]) -> list[tuple[dict[int, float], np.ndarray]]:
@@ -411,10 +448,10 @@ def _match_many(query: PatchFeatures, candidates: Sequence[PatchFeatures]) -> li
     for q in query.levels:
         having = [(j, level) for j, c in enumerate(candidates) for level in c.levels if level.size == q.size]
         pairs = mutual_nearest(q.descriptors, [level.descriptors for _, level in having])
-        threshold = RANSAC_CELLS * _cell(query, q)
+        threshold = RANSAC_CELLS * query.cell
         for (j, c), (qi, ci) in zip(having, pairs):
             keep = patch_inliers(q.centres[qi], c.centres[ci], threshold)
-            fractions[j][q.size] = float(keep.sum()) / max(1, len(q.descriptors))
+            fractions[j][q.size] = float(keep.sum()) / max(1, min(len(q.descriptors), len(c.descriptors)))
             points[j].append(np.concatenate([q.centres[qi[keep]], c.centres[ci[keep]]], axis=1))
     return [(f, np.concatenate(p).astype(np.float32) if p else np.zeros((0, 4), np.float32))
             for f, p in zip(fractions, points)]
@@ -424,28 +461,36 @@ def patch_score(query: PatchFeatures, candidate: PatchFeatures, weights: Mapping
                 ) -> PatchMatch:
     """`PatchMatch` of one candidate: per patch size, mutual nearest neighbours then RANSAC
     (`patch_inliers`, threshold `RANSAC_CELLS` cells); score = the inlier fractions' weighted mean
-    (`weights` by patch size; default `DEFAULT_WEIGHTS`)."""
+    (`weights` by patch size, see `_weights`)."""
     (fractions, points), = _match_many(query, [candidate])
     w = _weights(query, weights)
-    total = sum(w.values())
-    return PatchMatch(sum(w[s] * f for s, f in fractions.items()) / total if total else 0.0, fractions, points)
+    return PatchMatch(sum(w[s] * f for s, f in fractions.items()), fractions, points)
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    """Columns of (n, m) `values` moved to zero mean and unit deviation (a constant column → 0)."""
+    spread = values.std(axis=0)
+    return np.divide(values - values.mean(axis=0), spread, out=np.zeros_like(values), where=spread > 0)
 
 
 def patch_rerank(query: PatchFeatures, candidates: Sequence[tuple[int, PatchFeatures | None]],
-                 weights: Mapping[int, float] | None = None) -> PatchRanking:
+                 weights: Mapping[int, float] | None = None, global_scores: Sequence[float] | None = None,
+                 global_weight: float = GLOBAL_WEIGHT) -> PatchRanking:
     """Re-order candidates (id, features or None), given in their global order, as Patch-NetVLAD
     does: each size's inlier fractions (`patch_score`) standardised over the candidates that have
-    features (zero mean, unit deviation; all equal → 0), summed with `weights` (default
-    `DEFAULT_WEIGHTS`), highest first (ties keep the global order); then those without features,
-    in their global order."""
-    having = [(i, feats) for i, feats in candidates if feats is not None]
-    found = _match_many(query, [feats for _, feats in having])
+    features (zero mean, unit deviation; all equal → 0) and summed with `weights` (see `_weights`;
+    they sum to 1); plus, with `global_scores` (the candidates' global similarities, aligned with
+    `candidates`), `global_weight` × those similarities standardised the same way. Highest first
+    (ties keep the global order); then those without features, in their global order."""
+    having = [j for j, (_, feats) in enumerate(candidates) if feats is not None]
+    found = _match_many(query, [candidates[j][1] for j in having])
     w = _weights(query, weights)
     table = np.array([[fractions.get(s, 0.0) for s in w] for fractions, _ in found]).reshape(len(found), len(w))
-    spread = table.std(axis=0)
-    standard = np.divide(table - table.mean(axis=0), spread, out=np.zeros_like(table), where=spread > 0)
-    scores = standard @ np.array(list(w.values()))
+    scores = _standardised(table) @ np.array(list(w.values()))
+    if global_scores is not None and having:
+        similarities = np.asarray(global_scores, np.float64)[having]
+        scores = scores + global_weight * _standardised(similarities[:, None])[:, 0]
     order = sorted(range(len(having)), key=lambda j: -scores[j])  # stable: ties keep the global order
     missing = [i for i, feats in candidates if feats is None]
-    return PatchRanking([having[j][0] for j in order] + missing,
+    return PatchRanking([candidates[having[j]][0] for j in order] + missing,
                         [PatchMatch(float(scores[j]), *found[j]) for j in order] + [None] * len(missing))

@@ -23,7 +23,7 @@ import numpy as np
 from netvlad.rerank.expansion import alpha_qe
 from netvlad.rerank.geometric import MIN_INLIERS, Verification, geometric_rerank, reorder
 from netvlad.rerank.localfeatures import LocalFeatures
-from netvlad.rerank.patch import PatchFeatures, PatchMatch, extract_patch_features, patch_rerank
+from netvlad.rerank.patch import GLOBAL_WEIGHT, PatchFeatures, PatchMatch, patch_rerank
 from netvlad.search import Rerank, SearchResult, estimate_location, fuse_scores
 
 if TYPE_CHECKING:
@@ -81,14 +81,16 @@ def geometric_order(queries: Sequence[LocalFeatures], candidates: Sequence[tuple
         _original_size(queries[best[i][0]]), _points(best[i][1].points))) for i in order]
 
 
-def patch_order(queries: Sequence[PatchFeatures], candidates: Sequence[tuple[int, PatchFeatures | None]]
+def patch_order(queries: Sequence[PatchFeatures], candidates: Sequence[tuple[int, PatchFeatures | None]],
+                global_scores: Sequence[float] | None = None, global_weight: float = GLOBAL_WEIGHT
                 ) -> list[tuple[int, Rerank | None]]:
-    """Candidates (id, patch features or None; global order) re-ordered by their best patch
-    score against any query photo (`netvlad.rerank.patch.patch_rerank`); those without features
-    keep their global order after the scored ones."""
+    """Candidates (id, patch features or None; global order, with their global similarities
+    `global_scores`) re-ordered by their best score against any query photo
+    (`netvlad.rerank.patch.patch_rerank`); those without features keep their global order after
+    the scored ones."""
     best: dict[int, tuple[int, PatchMatch]] = {}
     for q, features in enumerate(queries):
-        ranking = patch_rerank(features, candidates)
+        ranking = patch_rerank(features, candidates, global_scores=global_scores, global_weight=global_weight)
         for image_id, match in zip(ranking.ids, ranking.matches):
             if match is not None and (image_id not in best or match.score > best[image_id][1].score):
                 best[image_id] = (q, match)
@@ -136,9 +138,9 @@ def rerank_result(pool: SearchResult, method: str, k: int, queries: np.ndarray, 
         found = evidence.local_of(ids)
         order = geometric_order(features, [(i, found.get(i)) for i in ids])
     elif method == "patch":
-        features = extract_patch_features(model, list(query_images), evidence.pca(model), max_patches=None)
+        features = evidence.patch_features(model, list(query_images), query=True)
         found = evidence.patches_of(ids)
-        order = patch_order(features, [(i, found.get(i)) for i in ids])
+        order = patch_order(features, [(i, found.get(i)) for i in ids], [hit.score for hit in pool.hits])
     elif method == "aqe":
         order = aqe_order(queries, ids, store.descriptors(ids), pool.fusion) if ids else []
     else:
