@@ -50,8 +50,8 @@ class RerankOut(BaseModel):
     """The local evidence behind a re-ranked result."""
 
     method: RerankMethod
-    score: float = Field(description="Inliers for `geometric`; for `patch`, the patch score relative to the "
-                         "shortlist (0: average); expanded similarity for `aqe`.")
+    score: float = Field(description="Inliers for `geometric`; for `patch`, the patch score plus the global "
+                         "similarity, each relative to the shortlist (0: average); expanded similarity for `aqe`.")
     verified: bool = Field(description="Whether the evidence passed the method's threshold (verified results "
                            "come first, in score order; the others keep their global order after them).")
     query: int = Field(0, ge=0, description="The query photo it was matched with (0-based, upload order).")

@@ -150,9 +150,9 @@ def test_rerank_choices_are_the_ones_the_index_serves(page):
 
 @pytest.fixture(scope="module")
 def sift_server(tmp_path_factory, real_photos):
-    from test_service_rerank import local_features_index
+    from test_service_rerank import evidence_index
 
-    index_dir = local_features_index(tmp_path_factory, real_photos, "browser-sift")
+    index_dir = evidence_index(tmp_path_factory, real_photos, "browser-evidence")
     env = {"NETVLAD_INDEX_DIR": index_dir, "NETVLAD_DEVICE": "cpu"}
     process = ServiceProcess(env, log=tmp_path_factory.mktemp("browser-sift-log") / "server.log").start()
     yield process

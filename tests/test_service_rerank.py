@@ -1,7 +1,8 @@
 """Re-ranking through the REST API, on real uvicorn processes (one serving an index without local
-features, one an index built with SIFT features): the `rerank` and `rerank_k` form fields, the
-methods `/v1/info` lists, the 409 for evidence an index lacks, α-QE on any index, and the matched
-points of geometric verification in the pixels the API promises."""
+features, one an index built with SIFT features and patch descriptors): the `rerank` and
+`rerank_k` form fields, the methods `/v1/info` lists, the 409 for evidence an index lacks, α-QE on
+any index, and the matched points of geometric verification and of patch matching in the pixels
+the API promises."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ CROPPED = 1
 CROP = (0.15, 0.1, 0.85, 0.9)
 
 
-def local_features_index(tmp_path_factory: pytest.TempPathFactory, photos: list[Path], name: str) -> Path:
-    """An index of the first INDEXED photos (with `coordinates`) holding SIFT local features,
-    built like `small_index` with the run's small model (shared with the browser test)."""
+def evidence_index(tmp_path_factory: pytest.TempPathFactory, photos: list[Path], name: str) -> Path:
+    """An index of the first INDEXED photos (with `coordinates`) holding SIFT local features and
+    patch descriptors, built like `small_index` with the run's small model (shared with the
+    browser test)."""
     folder = tmp_path_factory.mktemp(name) / "index"
-    with Index.create(folder, small_model(tmp_path_factory, photos), device="cpu", local_features="sift") as index:
+    with Index.create(folder, small_model(tmp_path_factory, photos), device="cpu", local_features="sift",
+                      patch_features=True) as index:
         index.set_root(photos[0].parent)
         index.add(photos[:INDEXED], [coordinates(i) for i in range(INDEXED)])
         index.save()
@@ -66,10 +69,10 @@ def plain(plain_index, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sift(tmp_path_factory, real_photos):
-    """A server of an index with SIFT local features."""
-    process = start(local_features_index(tmp_path_factory, real_photos, "rerank-sift"),
-                    tmp_path_factory.mktemp("rerank-sift-log"))
+def full(tmp_path_factory, real_photos):
+    """A server of an index with SIFT local features and patch descriptors."""
+    process = start(evidence_index(tmp_path_factory, real_photos, "rerank-evidence"),
+                    tmp_path_factory.mktemp("rerank-evidence-log"))
     with httpx.Client(base_url=process.url, timeout=120) as client:
         yield client
     process.stop()
@@ -83,11 +86,11 @@ def search(client: httpx.Client, paths: list[Path], **data) -> httpx.Response:
 # ------------------------------------------------------------------------------ what is served
 
 
-def test_info_lists_the_methods_each_index_serves(plain, sift):
+def test_info_lists_the_methods_each_index_serves(plain, full):
     info = plain.get("/v1/info").json()
     assert info["rerank_methods"] == ["none", "aqe"]
     assert info["default_rerank_k"] == 50 and info["max_rerank_k"] == MAX_RERANK_K
-    assert {"none", "geometric", "aqe"} <= set(sift.get("/v1/info").json()["rerank_methods"])
+    assert full.get("/v1/info").json()["rerank_methods"] == ["none", "geometric", "patch", "aqe"]
     schema = plain.get("/openapi.json").json()
     form = next(s for name, s in schema["components"]["schemas"].items() if name.startswith("Body_search"))
     assert set(form["properties"]["rerank"]["enum"]) == {"none", "geometric", "patch", "aqe"}
@@ -140,7 +143,7 @@ def test_without_rerank_results_carry_no_evidence(plain, real_photos):
     assert first["id"] == 3 and (first["width"], first["height"]) == Image.open(real_photos[2]).size
 
 
-@pytest.mark.parametrize("server", ["plain", "sift"])
+@pytest.mark.parametrize("server", ["plain", "full"])
 def test_query_expansion_works_on_any_index(request, server, real_photos):
     client = request.getfixturevalue(server)
     response = search(client, [real_photos[4]], rerank="aqe", top_k=5)
@@ -154,30 +157,59 @@ def test_query_expansion_works_on_any_index(request, server, real_photos):
     assert evidence and all(e["method"] == "aqe" and e["points"] == [] for e in evidence)
 
 
-def test_geometric_verification_returns_matched_points_in_the_promised_pixels(sift, real_photos, tmp_path):
-    photo = real_photos[CROPPED]
-    query, (left, top, right, bottom) = cropped_photo(photo, tmp_path)
-    response = search(sift, [query], rerank="geometric", top_k=5, rerank_k=INDEXED)
+def reranked_crop(client: httpx.Client, method: str, photo: Path, folder: Path) -> tuple[dict, tuple]:
+    """Search with a crop of `photo`, every indexed photo re-ranked by `method` → (the response
+    body, the crop's box in the photo)."""
+    query, box = cropped_photo(photo, folder)
+    response = search(client, [query], rerank=method, top_k=5, rerank_k=INDEXED)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["rerank"] == "geometric" and body["rerank_ms"] > 0
+    assert body["rerank"] == method and body["rerank_ms"] > 0
+    return body, box
+
+
+def mapping_error(evidence: dict, box: tuple) -> np.ndarray:
+    """Pixel distances between the result-side matched points and where the crop `box` maps their
+    query-side points (x_c = left + x_q · crop width / query width), after checking that the
+    points are in the query as searched: the crop shrunk to the evidence's long side of 640 px
+    (the network's input is smaller, 256 px)."""
+    left, top, right, bottom = box
+    qw, qh = evidence["query_size"]
+    assert max(qw, qh) == 640 and abs(qw / qh - (right - left) / (bottom - top)) < 0.02
+    points = np.array(evidence["points"], dtype=float)
+    assert points.ndim == 2 and points.shape[1] == 4 and len(points) >= 10
+    assert (points[:, 0] >= 0).all() and (points[:, 0] <= qw).all() and (points[:, 1] <= qh).all()
+    expected = np.stack([left + points[:, 0] * (right - left) / qw, top + points[:, 1] * (bottom - top) / qh], axis=1)
+    return np.linalg.norm(points[:, 2:] - expected, axis=1)
+
+
+def test_geometric_verification_returns_matched_points_in_the_promised_pixels(full, real_photos, tmp_path):
+    photo = real_photos[CROPPED]
+    body, box = reranked_crop(full, "geometric", photo, tmp_path)
     first = body["results"][0]
     assert first["id"] == CROPPED + 1 and first["path"] == photo.name
     evidence = first["rerank"]
     assert evidence["method"] == "geometric" and evidence["verified"] and evidence["query"] == 0
     assert evidence["score"] >= 10 and evidence["model"]
-    # The query as searched: the crop resized to the model's input (long side 256).
-    qw, qh = evidence["query_size"]
-    assert max(qw, qh) == 256 and abs(qw / qh - (right - left) / (bottom - top)) < 0.02
-    points = np.array(evidence["points"], dtype=float)
-    assert points.ndim == 2 and points.shape[1] == 4 and len(points) >= 10
-    assert (points[:, 0] >= 0).all() and (points[:, 0] <= qw).all() and (points[:, 1] <= qh).all()
-    # Query pixels map onto the full-size photo through the crop: x_c = left + x_q · crop width / qw.
-    expected = np.stack([left + points[:, 0] * (right - left) / qw, top + points[:, 1] * (bottom - top) / qh], axis=1)
-    error = np.linalg.norm(points[:, 2:] - expected, axis=1)
+    error = mapping_error(evidence, box)
     width, height = first["width"], first["height"]
     assert (width, height) == Image.open(photo).size
     assert np.median(error) < 0.01 * max(width, height), f"median error {np.median(error):.1f} px"
     # Results the verification could not support keep the global order after the verified ones.
     verified = [r["rerank"]["verified"] for r in body["results"]]
     assert verified == sorted(verified, reverse=True)
+
+
+def test_patch_matching_returns_patch_centres_in_the_promised_pixels(full, real_photos, tmp_path):
+    body, box = reranked_crop(full, "patch", real_photos[CROPPED], tmp_path)
+    first = body["results"][0]
+    assert first["id"] == CROPPED + 1
+    evidence = first["rerank"]
+    assert evidence["method"] == "patch" and evidence["query"] == 0 and evidence["model"] is None
+    scores = [r["rerank"]["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0  # shortlist-relative: above its mean
+    # Patch centres map onto the full-size photo through the crop to within a few feature-map
+    # cells (a cell is 1/40 of the long side; RANSAC keeps matches within 1.5 cells).
+    error = mapping_error(evidence, box)
+    width, height = first["width"], first["height"]
+    assert np.median(error) < 0.05 * max(width, height), f"median error {np.median(error):.1f} px"

@@ -9,9 +9,10 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from netvlad.rerank.shortlist import DEFAULT_RERANK_K
+from netvlad.rerank.shortlist import DEFAULT_RERANK_K, NEEDS_PICTURES
 from netvlad.search import Rerank
 from service.deps import ReadAccess, ServiceState, State
 from service.guards import GuardedRoute, too_large
@@ -37,20 +38,24 @@ def _rerank_out(evidence: Rerank | None) -> RerankOut | None:
     return RerankOut.model_validate(evidence, from_attributes=True) if evidence is not None else None
 
 
-def _as_picture(pixels: torch.Tensor) -> np.ndarray:
-    """uint8 (3, H, W) tensor → (H, W, 3) uint8 array: a query photo as searched, for re-ranking."""
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
-
-
-def _prepare(state: ServiceState, uploads: list[tuple[str, UploadFile]]) -> list[torch.Tensor]:
+def _prepare(state: ServiceState, uploads: list[tuple[str, UploadFile]], rerank: str
+             ) -> tuple[list[torch.Tensor], list[Image.Image] | None]:
     """Decode and resize query photos, straight from their spooled files and within the decode
-    budget → uint8 (3, H, W) tensors (Pillow only: any worker thread)."""
+    budget → uint8 (3, H, W) network inputs and, when `rerank` needs them, the photos for its
+    evidence: RGB images, long side at most the evidence's (`IndexEvidence.picture_side`; 640 px
+    by default). Pillow and SQLite reads only: run it on a worker thread."""
     preprocess = state.index.model.preprocess
     settings = state.settings
-    return [
-        preprocess.resize(decode_upload(upload.file, name, settings.max_pixels, state.decode_budget, preprocess.reduce_to))
-        for name, upload in uploads
-    ]
+    side = (state.index.evidence.picture_side(rerank) or preprocess.max_side) if rerank in NEEDS_PICTURES else None
+    reduce_to = max(preprocess.reduce_to, side) if side and preprocess.reduce_to else preprocess.reduce_to
+    inputs, pictures = [], []
+    for name, upload in uploads:
+        image = decode_upload(upload.file, name, settings.max_pixels, state.decode_budget, reduce_to)
+        inputs.append(preprocess.resize(image))
+        if side:
+            image.thumbnail((side, side))
+            pictures.append(image)
+    return inputs, pictures if side else None
 
 
 @router.post("/v1/search", response_model=SearchOut, responses=ERRORS, dependencies=[ReadAccess])
@@ -86,15 +91,14 @@ async def search(
     for name, upload in uploads:
         if upload.size is not None and upload.size > settings.max_upload_bytes:
             raise too_large(settings.max_upload_bytes, name)
-    prepared: list[torch.Tensor] = []
+    pictures: list[Image.Image] | None = None
 
     async def prepare() -> list[torch.Tensor]:
-        prepared.extend(await run_in_threadpool(_prepare, state, uploads))
-        return prepared
+        nonlocal pictures
+        inputs, pictures = await run_in_threadpool(_prepare, state, uploads, rerank)
+        return inputs
 
     descriptors: np.ndarray = await state.batcher.describe(prepare())
-    pictures = [_as_picture(pixels) for pixels in prepared] if rerank != "none" else None
-    del prepared[:]  # only the pictures a re-ranking needs stay in memory
     found = await state.run(partial(state.index.search_descriptors, descriptors, top_k, fusion.value,
                                     rerank=rerank, rerank_k=rerank_k, query_images=pictures))
     results = []
