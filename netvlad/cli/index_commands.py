@@ -63,7 +63,7 @@ def index_command(
     )] = None,
     patch_features: Annotated[bool, typer.Option(
         "--patch-features", help="Also keep patch descriptors of every photo for `--rerank patch` (a second "
-                                 "pass of the network; about 45 KB a photo).")] = False,
+                                 "pass of the network at 640 px; about 43 KB a photo).")] = False,
 ) -> None:
     """Index a photo folder: catalogue, describe and add new photos (kill and re-run to resume)."""
     if not photos.is_dir():
