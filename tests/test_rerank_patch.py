@@ -11,9 +11,9 @@ from PIL import Image
 import netvlad
 from netvlad.imageio import load_image
 from netvlad.rerank.patch import (
-    DEFAULT_MAX_PATCHES, DEFAULT_SIDE, DEFAULT_SIZES, QUERY_STRIDE, SIZE_WEIGHTS, PatchFeatures, PatchLevel, PatchPCA, _weights,
-    extract_patch_features, fit_patch_pca, patch_inliers, patch_rerank, patch_score, patch_vlad_from_features,
-    training_patches,
+    DEFAULT_MAX_PATCHES, DEFAULT_SIDE, DEFAULT_SIZES, QUERY_STRIDE, SIZE_WEIGHTS, PatchFeatures, PatchLevel, PatchPCA,
+    _weights, extract_patch_features, fit_patch_pca, patch_inliers, patch_positions, patch_rerank, patch_score,
+    patch_vlad_from_features, training_patches,
 )
 
 
@@ -62,6 +62,16 @@ def test_integral_patches_equal_pooling_each_crop(model):
                 for j in range(gw)], dim=1) for i in range(gh)], dim=1)
             torch.testing.assert_close(grid, slow, atol=1e-9, rtol=1e-7)
         assert patch_vlad_from_features(pool, features, (8,))[0].shape == (2, 0, 0, pool.output_dim)
+        # a thinned sub-grid (what a stored photo keeps): only its patches are computed, the same
+        # vectors, whether its rows and columns are evenly spaced (s = 3) or not (s = 2)
+        for s, even in ((2, False), (3, True)):
+            rows, cols = patch_positions(7, 9, s, 1, max_patches=12)
+            assert len(rows) * len(cols) <= 12 and rows[0] == cols[0] == 0 and rows[-1] == 7 - s and cols[-1] == 9 - s
+            assert even == (len(set(np.diff(rows))) == len(set(np.diff(cols))) == 1)
+            thin = patch_vlad_from_features(pool, features, (s,), max_patches=12)[0]
+            slow = torch.stack([torch.stack([pool(features[:, :, y : y + s, x : x + s]) for x in cols], dim=1)
+                                for y in rows], dim=1)
+            torch.testing.assert_close(thin, slow, atol=1e-9, rtol=1e-7)
     finally:
         model.pool.float()
 

@@ -1,10 +1,11 @@
 """Patch-NetVLAD-style re-ranking (Hausler et al., CVPR 2021) from the model's own feature map
 (docs/reranking.md).
 
-- `patch_vlad`: NetVLAD vectors of every square patch of the feature map at a few sizes, all
+- `patch_vlad`: NetVLAD vectors of the square patches of the feature map at a few sizes, all
   patches of one size from integral (cumulative) sums of the assignment-weighted features
   ``a_k(x)·x`` and of ``a_k(x)``: ``V_k(patch) = Σ a·x − c_k Σ a``, then intra-normalised and
-  L2-normalised like the NetVLAD layer. No loop over patches.
+  L2-normalised like the NetVLAD layer. No loop over patches; only the patches kept
+  (`patch_positions`: every `stride` cells, or a stored photo's thinned sub-grid) are computed.
 - `PatchPCA` / `fit_patch_pca`: the PCA(-whitening) learned at index time that reduces K·D
   dimensions to `dim`, saved as an .npz file.
 - `PatchFeatures`: one photo's reduced patch descriptors (float16) and centres (original-image
@@ -90,18 +91,44 @@ _LEVEL = struct.Struct("<HHHI")  # patch size, grid rows, grid columns, patches
 
 # ---------------------------------------------------------------------------------- patch vectors
 
-def _box_sums(integral: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    """Sums over every size×size window (stride `stride`) from an integral tensor (…, H+1, W+1)
-    → (…, gh, gw)."""
-    end, start = slice(size, None, stride), slice(None, -size, stride)  # the windows' far and near edges
-    return integral[..., end, end] - integral[..., start, end] - integral[..., end, start] + integral[..., start, start]
+def patch_positions(h: int, w: int, size: int, stride: int = 1, max_patches: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left cells (rows (gh,), columns (gw,)) of the size×size patches kept on an h×w feature
+    map: every `stride` cells, thinned to an evenly spaced sub-grid of at most `max_patches`."""
+    ys, xs = np.arange(0, h - size + 1, stride), np.arange(0, w - size + 1, stride)
+    if max_patches is None or len(ys) * len(xs) <= max_patches:
+        return ys, xs
+    f = math.sqrt(max_patches / (len(ys) * len(xs)))
+    keep_r, keep_c = max(1, int(len(ys) * f)), max(1, int(len(xs) * f))
+    return (ys[np.round(np.linspace(0, len(ys) - 1, keep_r)).astype(int)],
+            xs[np.round(np.linspace(0, len(xs) - 1, keep_c)).astype(int)])
+
+
+def _take(t: torch.Tensor, dim: int, index: np.ndarray) -> torch.Tensor:
+    """`t` at positions `index` along `dim` (negative): a strided view when they are evenly spaced
+    (every grid of a query), a copy (`index_select`) otherwise (a stored photo's thinned sub-grid)."""
+    steps = np.diff(index)
+    if len(index) and (len(steps) == 0 or (steps[0] > 0 and (steps == steps[0]).all())):
+        where = slice(int(index[0]), int(index[-1]) + 1, int(steps[0]) if len(steps) else 1)
+        return t[(Ellipsis, where) + (slice(None),) * (-1 - dim)]
+    return t.index_select(dim, torch.from_numpy(index).to(t.device))
+
+
+def _box_sums(integral: torch.Tensor, size: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    """Sums over the size×size windows with top-left cells `rows` × `cols` from an integral tensor
+    (…, H+1, W+1) → (…, len(rows), len(cols))."""
+    def corner(ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
+        return _take(_take(integral, -2, ys), -1, xs)
+
+    return corner(rows + size, cols + size) - corner(rows, cols + size) - corner(rows + size, cols) + corner(rows, cols)
 
 
 def patch_vlad_from_features(pool: NetVLAD, features: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES,
-                             stride: int = 1) -> list[torch.Tensor]:
+                             stride: int = 1, max_patches: int | None = None) -> list[torch.Tensor]:
     """(B, D, H, W) unit-norm local features → per size s, (B, gh, gw, K·D) unit-norm NetVLAD
-    vectors of the s×s patches at `stride` cells (gh = (H − s) // stride + 1; 0 when s > H),
-    in the dtype of `features` (the layer's parameters are used in that dtype)."""
+    vectors of the s×s patches at `patch_positions(H, W, s, stride, max_patches)` (all of them
+    every `stride` cells by default: gh = (H − s) // stride + 1; 0 when s > H), in the dtype of
+    `features` (the layer's parameters are used in that dtype)."""
     if stride < 1 or any(s < 1 for s in sizes):
         raise ValueError(f"patch sizes and stride must be positive, got sizes {tuple(sizes)}, stride {stride}")
     b, d, h, w = features.shape
@@ -117,23 +144,25 @@ def patch_vlad_from_features(pool: NetVLAD, features: torch.Tensor, sizes: Seque
         if s > h or s > w:
             out.append(features.new_zeros((b, 0, 0, k * d)))
             continue
-        vlad = _box_sums(integral_w, s, stride) - _box_sums(integral_a, s, stride)[:, :, None] * centroids
+        rows, cols = patch_positions(h, w, s, stride, max_patches)
+        vlad = _box_sums(integral_w, s, rows, cols) - _box_sums(integral_a, s, rows, cols)[:, :, None] * centroids
         vlad = F.normalize(vlad, p=2, dim=2)  # intra-normalisation (B, K, D, gh, gw)
         out.append(F.normalize(vlad.permute(0, 3, 4, 1, 2).flatten(3), p=2, dim=3))
     return out
 
 
 def patch_vlad(model: NetVLADModel, images: torch.Tensor, sizes: Sequence[int] = DEFAULT_SIZES, stride: int = 1,
-               amp: bool | None = None) -> tuple[list[torch.Tensor], tuple[int, int]]:
+               max_patches: int | None = None, amp: bool | None = None
+               ) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """Preprocessed images (B, 3, H, W) → (per size, (B, gh, gw, K·D) float32 patch NetVLAD vectors
-    at `stride` cells; the feature map's (h, w)): `patch_vlad_from_features` on the model's feature
-    map, backbone under autocast with `amp` (default on CUDA), pooling in float32. Run it under
-    `torch.inference_mode()`."""
+    of the patches `patch_positions` keeps; the feature map's (h, w)): `patch_vlad_from_features`
+    on the model's feature map, backbone under autocast with `amp` (default on CUDA), pooling in
+    float32. Run it under `torch.inference_mode()`."""
     device = model.device
     images = images.to(device)
     with torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda" if amp is None else amp):
         features = model.backbone(images)
-    per_size = patch_vlad_from_features(model.pool, model.local_norm(features.float()), sizes, stride)
+    per_size = patch_vlad_from_features(model.pool, model.local_norm(features.float()), sizes, stride, max_patches)
     return per_size, (features.shape[-2], features.shape[-1])
 
 
@@ -275,8 +304,6 @@ def _displayed_size(source: Source) -> tuple[int, int] | None:
     """(width, height) of a photo as displayed (EXIF orientation applied); None when unknown."""
     if isinstance(source, torch.Tensor):
         return source.shape[-1], source.shape[-2]
-    if isinstance(source, np.ndarray):  # (H, W, 3) pixels
-        return source.shape[1], source.shape[0]
     if isinstance(source, Image.Image):
         swap = source.getexif().get(ORIENTATION_TAG) in TRANSPOSED_ORIENTATIONS
         return (source.height, source.width) if swap else source.size
@@ -286,24 +313,14 @@ def _displayed_size(source: Source) -> tuple[int, int] | None:
     return None
 
 
-def _sub_grid(rows: int, cols: int, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Evenly spaced row and column indices of a rows×cols grid keeping at most `cap` cells."""
-    if cap is None or rows * cols <= cap:
-        return np.arange(rows), np.arange(cols)
-    f = math.sqrt(cap / (rows * cols))
-    keep_r, keep_c = max(1, int(rows * f)), max(1, int(cols * f))
-    return (np.round(np.linspace(0, rows - 1, keep_r)).astype(int),
-            np.round(np.linspace(0, cols - 1, keep_c)).astype(int))
-
-
 def _raw_levels(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[int], max_patches: int | None,
                 batch_size: int, amp: bool | None, side: int | None, stride: int = 1
                 ) -> Iterator[tuple[int, tuple[int, int], float, list[tuple]]]:
     """Per photo, batch after batch (grouped by shape, so not in input order): (its position,
     displayed size, one feature-map cell in its pixels, [(patch size, kept grid, raw (P, K·D)
     float32 tensor, centres (P, 2))]), the photo resized to a `side`-px long side (None: the
-    model's own input size), patches every `stride` cells. The raw vectors are views of the
-    batch's: consume them before asking for the next batch."""
+    model's own input size), the patches `patch_positions` keeps. The raw vectors are views of
+    the batch's: consume them before asking for the next batch."""
     preprocess = model.preprocess if side is None else dataclasses.replace(model.preprocess, max_side=side, size=None)
     tensors = load_tensors(list(images), preprocess)
     k, d = model.pool.num_clusters, model.pool.dim
@@ -314,17 +331,15 @@ def _raw_levels(model: NetVLADModel, images: Sequence[Source], sizes: Sequence[i
             for start in range(0, len(group), step):
                 chunk = group[start : start + step]
                 batch = torch.stack([tensors[i] for i in chunk])
-                per_size, (feat_h, feat_w) = patch_vlad(model, batch, sizes, stride, amp=amp)
+                per_size, (feat_h, feat_w) = patch_vlad(model, batch, sizes, stride, max_patches, amp=amp)
                 for j, i in enumerate(chunk):
                     width, height = _displayed_size(images[i]) or (batch.shape[-1], batch.shape[-2])
                     levels = []
                     for s, grid in zip(sizes, per_size):
-                        rows, cols = _sub_grid(grid.shape[1], grid.shape[2], max_patches)
-                        every = len(rows) == grid.shape[1] and len(cols) == grid.shape[2]
-                        raw = (grid[j] if every else grid[j][rows][:, cols]).reshape(-1, k * d)
-                        ys, xs = np.meshgrid(rows * stride + s / 2, cols * stride + s / 2, indexing="ij")
+                        rows, cols = patch_positions(feat_h, feat_w, s, stride, max_patches)
+                        ys, xs = np.meshgrid(rows + s / 2, cols + s / 2, indexing="ij")
                         centres = np.stack([xs.ravel() * width / feat_w, ys.ravel() * height / feat_h], axis=1)
-                        levels.append((s, (len(rows), len(cols)), raw, centres.astype(np.float32)))
+                        levels.append((s, (len(rows), len(cols)), grid[j].reshape(-1, k * d), centres.astype(np.float32)))
                     yield i, (width, height), width / feat_w, levels
 
 
@@ -332,10 +347,10 @@ def extract_patch_features(model: NetVLADModel, images: Sequence[Source], pca: P
                            sizes: Sequence[int] = DEFAULT_SIZES, max_patches: int | None = DEFAULT_MAX_PATCHES,
                            batch_size: int = 8, amp: bool | None = None, side: int | None = DEFAULT_SIDE,
                            stride: int = 1) -> list[PatchFeatures]:
-    """`PatchFeatures` of photos (paths, bytes, PIL images, (H, W, 3) uint8 arrays), in input
-    order: resized to a `side`-px long side (None: the model's own input size) and normalised as
-    the model's `preprocess` says (preprocessed (3, H, W) tensors are taken as they are); photos
-    of one shape batched `batch_size` at a time (fewer when the integral tensor would pass
+    """`PatchFeatures` of photos (paths, bytes, PIL images), in input order: resized to a
+    `side`-px long side (None: the model's own input size) and normalised as the model's
+    `preprocess` says (preprocessed (3, H, W) tensors are taken as they are); photos of one shape
+    batched `batch_size` at a time (fewer when the integral tensor would pass
     `INTEGRAL_BUDGET`); the patches every `stride` cells, at most `max_patches` of each size kept
     (None: all; queries take all at `QUERY_STRIDE`). Centres are in the photo's displayed pixels
     (in the network input's for file objects, whose size is not read). Raises `ImageError`."""
