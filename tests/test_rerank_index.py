@@ -163,11 +163,14 @@ def test_eval_reports_reranked_recall_and_time(real_photos, model_path, tmp_path
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     run = subprocess.run([*CLI, "eval", str(tmp_path / "ps"), "--model", str(model_path), "--rerank", "geometric",
-                          "--rerank", "aqe", "--rerank-k", "10", "--json", "--no-progress"],
+                          "--rerank", "aqe", "--rerank", "patch", "--patch-global-weight", "0", "--rerank-k", "10",
+                          "--json", "--no-progress"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     methods = {m["name"]: m for m in json.loads(run.stdout)["methods"]}
-    assert set(methods) == {"model.pt", "model.pt + geometric", "model.pt + aqe"}
+    assert set(methods) == {"model.pt", "model.pt + geometric", "model.pt + aqe", "model.pt + patch"}
+    # patches alone (Patch-NetVLAD's ranking) when asked; the weight is reported with the figures
+    assert methods["model.pt + patch"]["patch_global_weight"] == 0 and "patch_global_weight" not in methods["model.pt + aqe"]
     geometric = methods["model.pt + geometric"]
     assert geometric["rerank_k"] == 10 and geometric["ms_per_query"] > 0 and geometric["evidence_bytes_per_photo"] > 1000
     # crops of the database's own photos: verification puts a positive first at least as often

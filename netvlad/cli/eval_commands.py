@@ -21,6 +21,7 @@ from netvlad.evaluation import DEFAULT_NS, QUERY_CONVENTIONS, evaluate, plot_rec
 from netvlad.rerank.evaluate import evaluate_rerank
 from netvlad.imageio import find_photos
 from netvlad.modelfile import load_model
+from netvlad.rerank.patch import GLOBAL_WEIGHT
 from netvlad.rerank.shortlist import DEFAULT_RERANK_K, RERANK_METHODS
 
 #: The `--baseline` choices (typer takes repeatable choices as an Enum).
@@ -72,6 +73,9 @@ def eval_command(
         "Also score the model's ranking re-ranked by geometric (RootSIFT + RANSAC), patch (patch descriptors) "
         "or aqe (query expansion) (repeatable); prints ms per query."))] = None,
     rerank_k: Annotated[int, typer.Option(min=1, help="How many of the top results are re-ranked.")] = DEFAULT_RERANK_K,
+    patch_global_weight: Annotated[float, typer.Option(min=0.0, help=(
+        "With --rerank patch: weight of the global similarity in the score, against 1 for the patches (both "
+        "standardised over the shortlist); 0 ranks by patches alone, as Patch-NetVLAD publishes."))] = GLOBAL_WEIGHT,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per network batch.")] = 16,
     device: Annotated[
         str, typer.Option(help="Torch device for the networks: auto (cuda when available), cpu, cuda, cuda:1, …")
@@ -102,7 +106,8 @@ def eval_command(
     db_desc, q_desc = results[name].pop("descriptors")
     for method in dict.fromkeys(r.value for r in reranks or []):
         found = evaluate_rerank(method, model, dataset, db_desc, q_desc, rerank_k, ns, queries,
-                                per_query=per_query is not None, progress=progress)
+                                per_query=per_query is not None, progress=progress,
+                                patch_global_weight=patch_global_weight)
         base = {key: results[name][key] for key in ("dim", "describe_s", "images_per_s")}
         results[f"{name} + {method}"] = {**base, **found, "fit_s": found["evidence_s"]}
     for name in dict.fromkeys(b.value for b in baselines or []):
@@ -161,6 +166,7 @@ def _report(dataset_path: Path, dataset: PlaceDataset, ns: tuple[int, ...], resu
                 "images_per_s": round(r["images_per_s"], 2),
                 **({"rerank": r["rerank"], "rerank_k": r["rerank_k"], "ms_per_query": round(r["ms_per_query"], 1),
                     "evidence_bytes_per_photo": round(r["evidence_bytes_per_photo"])} if "rerank" in r else {}),
+                **({"patch_global_weight": r["patch_global_weight"]} if "patch_global_weight" in r else {}),
             }
             for name, r in results.items()
         ],

@@ -110,11 +110,15 @@ def rerank_rankings(evidence: DatabaseEvidence, model, q_paths: Sequence[Path], 
 
 def evaluate_rerank(method: str, model, dataset: PlaceDataset, db_desc: np.ndarray, q_desc: np.ndarray,
                     k: int = DEFAULT_RERANK_K, ns: Sequence[int] = DEFAULT_NS, queries: str = "all",
-                    per_query: bool = False, local_kind: str = "sift", progress: bool = False) -> dict:
+                    per_query: bool = False, local_kind: str = "sift", progress: bool = False,
+                    patch_global_weight: float = GLOBAL_WEIGHT) -> dict:
     """`recall_of_rankings` of the re-ranked rankings (`rerank_rankings`), with "evidence_s",
-    "evidence_bytes_per_photo", "ms_per_query", "rerank" and "rerank_k"."""
+    "evidence_bytes_per_photo", "ms_per_query", "rerank", "rerank_k" and, for ``patch``,
+    "patch_global_weight"."""
     evidence = database_evidence(method, model, dataset.db_paths(), local_kind, progress)
-    rankings, ms = rerank_rankings(evidence, model, dataset.q_paths(), db_desc, q_desc, k, max(ns), local_kind, progress)
+    rankings, ms = rerank_rankings(evidence, model, dataset.q_paths(), db_desc, q_desc, k, max(ns), local_kind, progress,
+                                   patch_global_weight)
     result = recall_of_rankings(rankings[:, : max(ns)], dataset.positives(), len(db_desc), ns, per_query, queries)
     return {**result, "evidence_s": evidence.seconds, "evidence_bytes_per_photo": evidence.bytes_per_photo,
-            "ms_per_query": ms, "rerank": method, "rerank_k": k}
+            "ms_per_query": ms, "rerank": method, "rerank_k": k,
+            **({"patch_global_weight": patch_global_weight} if method == "patch" else {})}
