@@ -153,6 +153,7 @@ class TrainJob:
     def run(self, local_rank: int, layout: Layout) -> None:
         """Train as local rank `local_rank` of `layout`; rank 0 prints."""
         cluster = layout.join(local_rank, self.device)
+        ended_well = False
         try:
             if self.config is None:
                 trainer = Trainer.resume(self.out, self.train_set, self.val_set, device=cluster.device, progress=self.progress,
@@ -165,8 +166,9 @@ class TrainJob:
             trainer.fit()
             if cluster.main:
                 _report(trainer, self.as_json)
+            ended_well = True
         finally:
-            leave_group()
+            leave_group(synchronise=ended_well)
 
 
 def _announce(trainer: Trainer, as_json: bool, processes: int) -> None:

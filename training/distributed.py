@@ -99,9 +99,14 @@ def join_group(rank: int, world: int, device: torch.device, init_method: str = "
     return Cluster(rank, world, device)
 
 
-def leave_group() -> None:
-    """Leave the process group, if this process joined one."""
+def leave_group(synchronise: bool = False) -> None:
+    """Leave the process group, if this process joined one. With `synchronise` (a rank whose run
+    ended well), first wait for every rank to get here, so that none tears the group down while
+    another is still in a collective (gloo can then abort a rank); after a failure, ranks leave at
+    once, since a peer may never arrive."""
     if dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 
