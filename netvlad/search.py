@@ -48,10 +48,11 @@ class Location:
 @dataclass
 class Rerank:
     """The local evidence behind a re-ranked hit (`netvlad.rerank`): the method, its score
-    (inliers for ``geometric``, the shortlist-relative patch score for ``patch``, expanded similarity for ``aqe``),
-    whether it passed the method's threshold, the query photo it was matched with (0-based), the
-    geometric model that won, and matched points (x_q, y_q, x_c, y_c): pixels of that query photo
-    as searched (`query_size` (w, h)) and of the hit's photo file at full size."""
+    (inliers for ``geometric``; for ``patch``, the patch score plus the global similarity, each
+    relative to the shortlist; expanded similarity for ``aqe``), whether it passed the method's
+    threshold, the query photo it was matched with (0-based), the geometric model that won, and
+    matched points (x_q, y_q, x_c, y_c): pixels of that query photo as searched (`query_size`
+    (w, h)) and of the hit's photo file at full size."""
 
     method: str
     score: float
